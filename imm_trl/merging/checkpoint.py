@@ -1,0 +1,262 @@
+"""`merge_checkpoints`: merge model directories on disk, one tensor at a time.
+
+Never holds a whole model: each tensor is read from the base and tuned checkpoints, merged,
+checked for NaN/Inf and streamed into the output shard (mergekit's lazy-loader idea). Reading
+the next tensor and writing the previous one overlap with the merge of the current one.
+The output is built in a hidden sibling directory and renamed into place only when complete,
+so an interrupted merge never leaves a directory that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from imm_trl.merging.config import Ratio, RatioMap, check_density, check_method, parse_ratio
+from imm_trl.merging.functional import merge_tensors
+from imm_trl.merging.io import (
+    PICKLE_WEIGHT_SUFFIXES,
+    CheckpointReader,
+    PlannedTensor,
+    ShardedSafetensorsWriter,
+)
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# Config keys that must agree for two checkpoints to be the same architecture.
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+PARTIAL_MARKER = ".partial-"
+
+
+def merge_checkpoints(
+    base_dir: str | os.PathLike,
+    tuned_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    method: str = "linear",
+    ratio: Ratio | RatioMap = 1.0,
+    density: float = 1.0,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    fsync: bool = True,
+) -> Path:
+    """Merge checkpoints on disk: `out = base + ratio * M(tuned - base)`, tensor by tensor.
+
+    Args:
+        base_dir: The original model (theta0), a Hugging Face model directory.
+        tuned_dirs: One tuned model directory or a list (task arithmetic over their deltas).
+        out_dir: Where the merged model goes; must not exist unless `overwrite`.
+        method, ratio, density, seed, weights: As in `merge_tensors`; `ratio` may be a
+            per-layer map.
+        compute_dtype: Dtype of the arithmetic; outputs keep the base's dtypes.
+        max_shard_bytes: Largest output shard.
+        allow_pickle: Accept pickle-only checkpoints, loaded with `torch.load(weights_only=True)`.
+        overwrite: Replace an existing `out_dir` (only once the new one is complete).
+        fsync: Flush files to disk before the final rename.
+
+    Returns:
+        `Path`: The output directory.
+    """
+    check_method(method)
+    check_density(density)
+    ratio_map = parse_ratio(ratio)
+    base_dir = Path(base_dir)
+    tuned_list = [Path(tuned_dirs)] if isinstance(tuned_dirs, (str, os.PathLike)) else [Path(p) for p in tuned_dirs]
+    if not tuned_list:
+        raise ValueError("merge_checkpoints needs at least one tuned checkpoint directory")
+    if weights is not None and len(weights) != len(tuned_list):
+        raise ValueError(f"got {len(weights)} weights for {len(tuned_list)} tuned checkpoints; give one per checkpoint")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} exists; choose another or pass overwrite=True (CLI: --overwrite)")
+    for tuned in tuned_list:
+        check_same_architecture(base_dir, tuned)
+
+    base = CheckpointReader(base_dir, allow_pickle=allow_pickle)
+    tuned_readers = [CheckpointReader(p, allow_pickle=allow_pickle) for p in tuned_list]
+    try:
+        planned = plan_merge(base, tuned_readers, tuned_list)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL_MARKER}{os.getpid()}-", dir=out_dir.parent))
+        try:
+            writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes, fsync=fsync)
+            settings = dict(method=method, density=density, seed=seed, weights=weights, compute_dtype=compute_dtype)
+            stream_merge(base, tuned_readers, planned, writer, ratio_map, settings)
+            writer.finish()
+            copy_model_files(base_dir, staging)
+            publish(staging, out_dir, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        base.close()
+        for reader in tuned_readers:
+            reader.close()
+    return out_dir
+
+
+def read_config(model_dir: Path) -> dict | None:
+    """The model's config.json, or None if it has none."""
+    path = model_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_same_architecture(base_dir: Path, tuned_dir: Path) -> None:
+    """Raise a ValueError if both configs exist and disagree on an architecture key."""
+    base_config, tuned_config = read_config(base_dir), read_config(tuned_dir)
+    if base_config is None or tuned_config is None:
+        return
+    differing = [
+        f"{key}: {base_config.get(key)!r} vs {tuned_config.get(key)!r}"
+        for key in ARCHITECTURE_KEYS
+        if base_config.get(key) != tuned_config.get(key)
+    ]
+    if differing:
+        raise ValueError(
+            f"{base_dir} and {tuned_dir} are different architectures ({'; '.join(differing)}); "
+            "merging needs the tuned model to be a fine-tune of the base"
+        )
+
+
+def plan_merge(base: CheckpointReader, tuned: list[CheckpointReader], tuned_dirs: list[Path]) -> list[PlannedTensor]:
+    """The output tensors (base's names, dtypes and shapes), after checking that every tuned
+    checkpoint has exactly the same tensors with the same shapes and dtypes."""
+    base_names = base.names()
+    base_set = set(base_names)
+    for reader, directory in zip(tuned, tuned_dirs, strict=True):
+        names = set(reader.names())
+        missing, extra = sorted(base_set - names), sorted(names - base_set)
+        if missing or extra:
+            raise ValueError(
+                f"{directory} does not have the base model's tensors: "
+                f"missing {_few(missing)}, extra {_few(extra)}; both must be full checkpoints of "
+                "the same architecture (merge a LoRA adapter with merge_and_unload first)"
+            )
+        for name in base_names:
+            base_dtype, base_shape = base.dtype_and_shape(name)
+            dtype, shape = reader.dtype_and_shape(name)
+            if shape != base_shape:
+                raise ValueError(f"shape mismatch for {name}: base {base_shape}, {directory} {shape}")
+            if dtype != base_dtype:
+                raise ValueError(
+                    f"dtype mismatch for {name}: base {base_dtype}, {directory} {dtype}; save both "
+                    "checkpoints in the same dtype (e.g. model.to(torch.bfloat16).save_pretrained)"
+                )
+    return [PlannedTensor(name, *base.dtype_and_shape(name)) for name in base_names]
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def merge_one(name: str, base: torch.Tensor, tuned: list[torch.Tensor], ratio: float, settings: dict) -> torch.Tensor:
+    """Merge one tensor read from disk and refuse a non-finite result."""
+    if not base.is_floating_point():
+        if any(not torch.equal(base, other) for other in tuned):
+            raise ValueError(f"integer tensor {name} differs between checkpoints; it cannot be merged")
+        return base
+    merged = merge_tensors(base, tuned, ratio=ratio, name=name, **settings)
+    if not torch.isfinite(merged).all():
+        raise ValueError(
+            f"the merged tensor {name} contains NaN or Inf (check the inputs for NaN/Inf and the "
+            "ratio for overflow in the output dtype); nothing was written"
+        )
+    return merged
+
+
+def stream_merge(
+    base: CheckpointReader,
+    tuned: list[CheckpointReader],
+    planned: list[PlannedTensor],
+    writer: ShardedSafetensorsWriter,
+    ratio_map: RatioMap,
+    settings: dict,
+) -> None:
+    """Read, merge and write every planned tensor; the next read and the previous write run
+    in background threads while the current tensor is merged (at most 3 in flight)."""
+
+    def read(name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return base.read(name), [reader.read(name) for reader in tuned]
+
+    with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
+        pending_write: Future | None = None
+        next_read = reader_pool.submit(read, planned[0].name) if planned else None
+        for position, tensor in enumerate(planned):
+            base_tensor, tuned_tensors = next_read.result()
+            if position + 1 < len(planned):
+                next_read = reader_pool.submit(read, planned[position + 1].name)
+            merged = merge_one(tensor.name, base_tensor, tuned_tensors, ratio_map.ratio_for(tensor.name), settings)
+            del base_tensor, tuned_tensors
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer_pool.submit(writer.write, tensor.name, merged)
+        if pending_write is not None:
+            pending_write.result()
+
+
+def copy_model_files(base_dir: Path, out_dir: Path) -> None:
+    """Copy config, generation config, tokenizer and other small files (not weights)."""
+    for path in base_dir.iterdir():
+        if not path.is_file() or path.suffix == ".safetensors" or path.suffix in PICKLE_WEIGHT_SUFFIXES:
+            continue
+        if path.name.endswith(".index.json"):
+            continue
+        shutil.copy2(path, out_dir / path.name)
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Delete partial outputs for `out_dir` left by merges whose process no longer runs."""
+    prefix = f".{out_dir.name}{PARTIAL_MARKER}"
+    for candidate in out_dir.parent.glob(f"{prefix}*"):
+        pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished staging directory to `out_dir` atomically (replacing it if asked)."""
+    staging.chmod(0o755)
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"output directory {out_dir} appeared during the merge; not replacing it")
+        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        retired.rmdir()
+        out_dir.rename(retired)
+        staging.rename(out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out_dir)

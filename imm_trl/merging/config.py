@@ -1,0 +1,225 @@
+"""Merge settings: the method, the ratio (a number, a per-layer map, or a per-iteration
+schedule of either), and checks that turn config typos into errors that name the fix.
+
+A ratio map gives alpha per parameter name. Keys are tried in the order given; the first
+that matches a parameter decides its ratio, and `"default"` covers the rest:
+
+    {"layers.0-7": 0.3, "layers.8-": 0.6, "mlp": 0.4, "default": 0.5}
+
+- `<prefix>.A-B`, `<prefix>.A-`, `<prefix>.A`: decoder-layer index range (inclusive) after
+  the name segment `<prefix>` (e.g. `layers`, `h`), so `layers.0-7` matches
+  `model.layers.3.self_attn.q_proj.weight`.
+- a key with `*` or `?`: a glob over the whole name (`*.q_proj.*`).
+- anything else: matches names containing it as whole dot-separated segments (`mlp`,
+  `self_attn.q_proj`, `lm_head`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+from imm_trl.merging.functional import MERGE_METHODS
+
+Ratio = Union[float, Mapping[str, float]]
+RatioSchedule = Union[Ratio, Sequence[Ratio]]
+
+_RANGE_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<start>\d+)(?P<dash>-)?(?P<end>\d+)?$")
+
+
+def check_method(method: str) -> str:
+    """Return `method` if it is a known merge method, else raise a ValueError naming the choices."""
+    if method not in MERGE_METHODS:
+        raise ValueError(
+            f"unknown merge method {method!r}; choose one of: {', '.join(MERGE_METHODS)}"
+        )
+    return method
+
+
+def check_density(density: float) -> float:
+    """Return `density` if it is in (0, 1], else raise a ValueError that says so."""
+    if not isinstance(density, (int, float)) or not (0.0 < float(density) <= 1.0):
+        raise ValueError(
+            f"density must be in (0, 1] (the fraction of delta elements kept), got {density!r}; "
+            "e.g. density=0.8 keeps 80% (the paper's DARE drop rate 0.2)"
+        )
+    return float(density)
+
+
+def check_ratio_value(value: float, where: str = "ratio") -> float:
+    """Return `value` as float if it is a finite number >= 0, else raise a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where} must be a finite number >= 0 (the merge ratio alpha), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RatioRule:
+    """One key of a ratio map, parsed."""
+
+    key: str
+    ratio: float
+    prefix: str | None = None  # layer-range rules: the segment before the index
+    first: int | None = None
+    last: int | None = None  # None: open-ended
+
+    def matches(self, name: str) -> bool:
+        """Whether this rule applies to parameter `name`."""
+        if self.prefix is not None:
+            return _layer_index_matches(name, self.prefix, self.first, self.last)
+        if any(ch in self.key for ch in "*?["):
+            return fnmatch.fnmatchcase(name, self.key)
+        return f".{self.key}." in f".{name}."
+
+
+def _layer_index_matches(name: str, prefix: str, first: int, last: int | None) -> bool:
+    wrapped = f".{name}."
+    marker = f".{prefix}."
+    position = wrapped.find(marker)
+    while position != -1:
+        rest = wrapped[position + len(marker) :]
+        index_text = rest.split(".", 1)[0]
+        if index_text.isdigit():
+            index = int(index_text)
+            return index >= first and (last is None or index <= last)
+        position = wrapped.find(marker, position + 1)
+    return False
+
+
+def parse_ratio_rule(key: str, value: float) -> RatioRule:
+    """Parse one ratio-map entry; raise a ValueError for bad range syntax."""
+    ratio = check_ratio_value(value, f"ratio for {key!r}")
+    last_segment = key.rsplit(".", 1)[-1]
+    if "-" not in last_segment and not re.fullmatch(r"\d+", last_segment):
+        return RatioRule(key=key, ratio=ratio)
+    match = _RANGE_KEY.match(key)
+    if match is None:
+        raise ValueError(
+            f"bad layer range {key!r} in ratio map; write '<prefix>.A-B', '<prefix>.A-' or "
+            "'<prefix>.A' with integer layer indices, e.g. 'layers.0-7' or 'layers.8-'"
+        )
+    first = int(match["start"])
+    if match["dash"] is None:
+        last: int | None = first
+    else:
+        last = int(match["end"]) if match["end"] is not None else None
+    if last is not None and last < first:
+        raise ValueError(f"bad layer range {key!r}: the end {last} is below the start {first}; write 'layers.{last}-{first}'")
+    return RatioRule(key=key, ratio=ratio, prefix=match["prefix"], first=first, last=last)
+
+
+@dataclass(frozen=True)
+class RatioMap:
+    """A parsed ratio map: ordered rules plus the default ratio."""
+
+    rules: tuple[RatioRule, ...]
+    default: float
+
+    def ratio_for(self, name: str) -> float:
+        """Alpha for parameter `name`: the first matching rule's, else the default."""
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule.ratio
+        return self.default
+
+
+def parse_ratio(ratio: Ratio | RatioMap) -> RatioMap:
+    """A number or a `{pattern: ratio, "default": ratio}` mapping, as a `RatioMap`."""
+    if isinstance(ratio, RatioMap):
+        return ratio
+    if isinstance(ratio, Mapping):
+        if "default" not in ratio:
+            raise ValueError(
+                f"ratio map {dict(ratio)!r} has no 'default' entry; add one, e.g. "
+                "{'layers.0-7': 0.3, 'default': 0.5}, so every parameter gets a ratio"
+            )
+        rules = tuple(parse_ratio_rule(str(k), v) for k, v in ratio.items() if k != "default")
+        return RatioMap(rules=rules, default=check_ratio_value(ratio["default"], "ratio 'default'"))
+    return RatioMap(rules=(), default=check_ratio_value(ratio))
+
+
+def ratio_for_iteration(schedule: RatioSchedule, iteration: int) -> RatioMap:
+    """The ratio map of IMM iteration `iteration` (1-based, as t in DESIGN.md).
+
+    `schedule` is one ratio (number or map) used every iteration, or a list with one entry
+    per iteration.
+    """
+    if iteration < 1:
+        raise ValueError(f"iterations count from 1, got {iteration}")
+    if isinstance(schedule, (list, tuple)):
+        if not schedule:
+            raise ValueError("the ratio schedule is empty; give one ratio per iteration")
+        if iteration > len(schedule):
+            raise ValueError(
+                f"the ratio schedule has {len(schedule)} entries but iteration {iteration} was "
+                f"requested; give one ratio per iteration (or a single ratio for all)"
+            )
+        return parse_ratio(schedule[iteration - 1])
+    return parse_ratio(schedule)
+
+
+def check_schedule(schedule: RatioSchedule, iterations: int | None = None) -> None:
+    """Parse every entry of `schedule` (raising on typos) and, if given, check its length."""
+    entries = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule]
+    for entry in entries:
+        parse_ratio(entry)
+    if isinstance(schedule, (list, tuple)) and iterations is not None and len(schedule) != iterations:
+        raise ValueError(
+            f"the ratio schedule has {len(schedule)} entries for {iterations} iterations; "
+            "give exactly one per iteration"
+        )
+
+
+@dataclass
+class MergeConfig:
+    """How to merge tuned weights back into the original model.
+
+    `result = base + ratio * M(tuned - base)`, per tensor.
+    """
+
+    method: str = field(
+        default="linear",
+        metadata={"help": "Delta operator M: linear, dare_linear, ties or dare_ties."},
+    )
+    ratio: RatioSchedule = field(
+        default=0.5,
+        metadata={
+            "help": "Merge ratio alpha: a number, a per-layer map like "
+            "{'layers.0-7': 0.3, 'default': 0.5}, or a list of either, one per iteration."
+        },
+    )
+    density: float = field(
+        default=1.0,
+        metadata={"help": "Fraction of delta elements kept by DARE / TIES, in (0, 1]."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the DARE masks (with each tensor's name)."})
+    weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per tuned model when merging several; default 1.0 each."},
+    )
+    compute_dtype: str = field(
+        default="float32", metadata={"help": "Dtype the merge arithmetic is done in."}
+    )
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        check_density(self.density)
+        check_schedule(self.ratio)
+        import torch
+
+        if not isinstance(getattr(torch, self.compute_dtype, None), torch.dtype):
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not a torch dtype; use e.g. 'float32'")
+
+    @property
+    def torch_compute_dtype(self):
+        import torch
+
+        return getattr(torch, self.compute_dtype)
+
+    def ratio_map(self, iteration: int = 1) -> RatioMap:
+        """The parsed ratio map for IMM iteration `iteration` (1-based)."""
+        return ratio_for_iteration(self.ratio, iteration)

@@ -1,0 +1,370 @@
+"""Merge kernels: small pure functions over tensors, no hidden state.
+
+Every merge in imm-trl is `result = base + ratio * M(tuned - base)`, where `M` is the delta
+operator of the method (DESIGN.md section 1). The functions below compute deltas, prune them
+(DARE, TIES), combine several of them, and apply the result to a base tensor. Definitions of
+TIES follow `peft.utils.merge_utils` (magnitude top-k, sign elected by total mass, disjoint
+mean); DARE differs from PEFT in one way only: its keep mask comes from a counter-based hash
+of (seed, tensor name, element index) instead of a global random generator, so the mask is
+the same on every device, in every process, and for any slice of the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+MERGE_METHODS = ("linear", "dare_linear", "ties", "dare_ties")
+
+# DARE masks are drawn in fixed blocks of flat element indices, each from its own generator
+# keyed by (seed, tensor name, block number): any slice of a tensor regenerates exactly the
+# blocks it overlaps, so every shard and every process gets the same mask.
+DARE_BLOCK = 1 << 20
+
+
+def task_vector(base: torch.Tensor, tuned: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """The delta `tuned - base`, computed in `dtype`.
+
+    Args:
+        base (`torch.Tensor`): The original weights.
+        tuned (`torch.Tensor`): The fine-tuned weights, same shape as `base`.
+        dtype (`torch.dtype`): The dtype the subtraction is done in.
+
+    Returns:
+        `torch.Tensor`: The delta, in `dtype` (always a new tensor).
+    """
+    return tuned.to(dtype) - base.to(dtype)
+
+
+def name_key(seed: int, name: str) -> tuple[int, int]:
+    """Two 32-bit keys derived from (seed, tensor name), the same in every process.
+
+    Args:
+        seed (`int`): The merge seed.
+        name (`str`): The tensor's name (e.g. `model.layers.0.mlp.up_proj.weight`).
+
+    Returns:
+        `tuple[int, int]`: Two integers in [0, 2**32).
+    """
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def block_random_bits(block: int, seed: int, name: str) -> np.ndarray:
+    """The DARE_BLOCK uint64 random words of block `block` of tensor `name`.
+
+    SFC64 seeded through a SeedSequence of (seed, name, block): both have version-stable
+    output streams in NumPy, and generation happens on the CPU, so the words do not depend
+    on the device the tensor lives on.
+
+    Args:
+        block (`int`): Block number (flat element index // DARE_BLOCK).
+        seed (`int`): The merge seed.
+        name (`str`): The tensor's name.
+
+    Returns:
+        `np.ndarray`: `DARE_BLOCK` uint64 values.
+    """
+    entropy = [*name_key(seed, name), block & 0xFFFFFFFF, block >> 32]
+    return np.random.SFC64(np.random.SeedSequence(entropy)).random_raw(DARE_BLOCK)
+
+
+def dare_keep_mask(
+    shape: Sequence[int] | torch.Size,
+    density: float,
+    seed: int,
+    name: str,
+    start: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The DARE keep mask: each element kept with probability `density`.
+
+    Element `i` (flat index in the full tensor) is kept iff its random word is below
+    `density * 2**64`; the word depends only on (seed, name, i).
+
+    Args:
+        shape: Shape of the (slice of the) tensor.
+        density (`float`): Probability of keeping an element, in (0, 1].
+        seed (`int`): The merge seed.
+        name (`str`): The tensor's name.
+        start (`int`): Flat index, in the full tensor, of this slice's first element.
+        device: Where the mask is returned.
+
+    Returns:
+        `torch.Tensor`: Boolean mask of `shape`.
+    """
+    count = math.prod(int(size) for size in shape)
+    if density >= 1.0:
+        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
+    threshold = np.uint64(min(int(density * 2.0**64), 2**64 - 1))
+    pieces = []
+    position = start
+    while position < start + count:
+        block, offset = divmod(position, DARE_BLOCK)
+        take = min(DARE_BLOCK - offset, start + count - position)
+        pieces.append(block_random_bits(block, seed, name)[offset : offset + take] < threshold)
+        position += take
+    mask = np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+    return torch.from_numpy(mask).reshape(tuple(shape)).to(device)
+
+
+def dare_prune(delta: torch.Tensor, mask: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE: drop the elements not in `mask`, rescale the kept ones by 1/density.
+
+    Args:
+        delta (`torch.Tensor`): The task vector.
+        mask (`torch.Tensor`): Boolean keep mask, same shape as `delta`.
+        density (`float`): The keep probability the mask was drawn with.
+
+    Returns:
+        `torch.Tensor`: The pruned and rescaled delta (expected value equals `delta`).
+    """
+    if density >= 1.0:
+        return delta
+    return torch.where(mask, delta / density, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the `int(density * numel)` largest-magnitude elements, zero the rest.
+
+    Same definition as `peft.utils.merge_utils.magnitude_based_pruning`.
+
+    Args:
+        delta (`torch.Tensor`): The task vector.
+        density (`float`): Fraction of elements to keep, in (0, 1].
+
+    Returns:
+        `torch.Tensor`: The trimmed delta.
+    """
+    if density >= 1.0:
+        return delta
+    flat = delta.reshape(-1)
+    k = int(density * flat.numel())
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
+    keep[torch.topk(flat.abs(), k=k, largest=True, sorted=False).indices] = True
+    return torch.where(keep, flat, torch.zeros((), dtype=delta.dtype, device=delta.device)).reshape(
+        delta.shape
+    )
+
+
+def majority_sign_mask(stacked: torch.Tensor) -> torch.Tensor:
+    """TIES sign election over deltas stacked on dim 0: sign of the summed mass (ties → +).
+
+    Same definition as `peft.utils.merge_utils.calculate_majority_sign_mask(method="total")`.
+
+    Args:
+        stacked (`torch.Tensor`): Deltas stacked on dimension 0.
+
+    Returns:
+        `torch.Tensor`: Boolean mask, True where an element agrees with the elected sign.
+    """
+    elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    return stacked.sign() == elected
+
+
+def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
+    """TIES disjoint merge: sum of agreeing weighted deltas over how many agree (at least 1).
+
+    Same definition as `peft.utils.merge_utils.disjoint_merge`.
+
+    Args:
+        weighted (`torch.Tensor`): Weighted deltas stacked on dimension 0.
+        agree (`torch.Tensor`): Mask from `majority_sign_mask`.
+
+    Returns:
+        `torch.Tensor`: The merged delta.
+    """
+    total = (weighted * agree).sum(dim=0)
+    return total / torch.clamp(agree.sum(dim=0), min=1.0)
+
+
+def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Task arithmetic: `sum_i weights[i] * deltas[i]`.
+
+    Args:
+        deltas: Task vectors, all the same shape.
+        weights: One weight per task vector.
+
+    Returns:
+        `torch.Tensor`: The combined delta.
+    """
+    if len(deltas) == 1:
+        return deltas[0] if weights[0] == 1.0 else deltas[0] * weights[0]
+    total = deltas[0] * weights[0]
+    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
+        total.add_(delta, alpha=weight)
+    return total
+
+
+def combine_deltas(
+    deltas: Sequence[torch.Tensor],
+    *,
+    method: str,
+    weights: Sequence[float],
+    density: float = 1.0,
+    seed: int = 0,
+    name: str = "",
+    start: int = 0,
+) -> torch.Tensor:
+    """The delta operator M of a merge method applied to one or more task vectors.
+
+    `linear`: weighted sum. `dare_linear`: DARE each delta (mask keyed by (seed, name, model
+    index)), then weighted sum. `ties`: magnitude-trim each, elect sign, disjoint mean of the
+    weighted deltas. `dare_ties`: DARE each, elect sign, disjoint mean.
+
+    Args:
+        deltas: Task vectors (tuned - base), all the same shape.
+        method (`str`): One of `MERGE_METHODS`.
+        weights: One weight per task vector.
+        density (`float`): Keep fraction for DARE / TIES, in (0, 1].
+        seed (`int`): Seed of the DARE masks.
+        name (`str`): Tensor name, part of the DARE mask key.
+        start (`int`): Flat index of this slice in the full tensor (DARE only; TIES needs the
+            whole tensor because its top-k is global).
+
+    Returns:
+        `torch.Tensor`: The combined delta.
+    """
+    if len(deltas) != len(weights):
+        raise ValueError(f"got {len(deltas)} tuned tensors but {len(weights)} weights")
+    if method == "linear":
+        return weighted_sum(deltas, weights)
+    if method in ("dare_linear", "dare_ties"):
+        deltas = [
+            dare_prune(d, dare_keep_mask(d.shape, density, seed, _model_name(name, i), start, d.device), density)
+            for i, d in enumerate(deltas)
+        ]
+        if method == "dare_linear":
+            return weighted_sum(deltas, weights)
+    elif method == "ties":
+        deltas = [magnitude_prune(d, density) for d in deltas]
+    else:
+        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+    stacked = torch.stack(list(deltas), dim=0)
+    agree = majority_sign_mask(stacked)
+    weight_column = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    weighted = stacked * weight_column.view((-1,) + (1,) * (stacked.dim() - 1))
+    return disjoint_mean(weighted, agree)
+
+
+def _model_name(name: str, model_index: int) -> str:
+    """Mask key of the `model_index`-th tuned model's tensor: distinct masks per model."""
+    return name if model_index == 0 else f"{name}#{model_index}"
+
+
+def apply_delta(base: torch.Tensor, delta: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`base + ratio * delta` (multiply, then add: no fused multiply-add, so the result is the
+    same bit for bit on every device), computed in the delta's dtype, cast to `base.dtype`.
+
+    Args:
+        base (`torch.Tensor`): The original weights.
+        delta (`torch.Tensor`): The combined delta; consumed (scaled in place).
+        ratio (`float`): The merge ratio alpha.
+
+    Returns:
+        `torch.Tensor`: The merged tensor, in `base.dtype`.
+    """
+    return delta.mul_(ratio).add_(base.to(delta.dtype)).to(base.dtype)
+
+
+def merge_flat(
+    base: torch.Tensor,
+    tuned: Sequence[torch.Tensor],
+    *,
+    method: str,
+    ratio: float,
+    density: float,
+    seed: int,
+    weights: Sequence[float],
+    name: str,
+    compute_dtype: torch.dtype,
+    start: int = 0,
+) -> torch.Tensor:
+    """Merge a slice of a tensor: `base + ratio * M(tuned - base)`, in `base.dtype`.
+
+    The slice begins at flat index `start` of the full tensor; elementwise methods give the
+    same result for any slicing. `ties` needs the whole tensor (its top-k is global).
+
+    Args:
+        base (`torch.Tensor`): Slice of the original weights.
+        tuned: Matching slices of the tuned weights.
+        method, ratio, density, seed, weights, name, compute_dtype: as in `merge_tensors`.
+        start (`int`): Flat index of the slice's first element in the full tensor.
+
+    Returns:
+        `torch.Tensor`: The merged slice.
+    """
+    base_compute = base.to(compute_dtype)
+    deltas = [other.to(compute_dtype) - base_compute for other in tuned]
+    delta = combine_deltas(
+        deltas, method=method, weights=weights, density=density, seed=seed, name=name, start=start
+    )
+    return delta.mul_(ratio).add_(base_compute).to(base.dtype)
+
+
+# Elements merged at a time by elementwise methods: small enough that the temporaries of one
+# chunk stay in cache, large enough that per-call overhead is negligible.
+MERGE_CHUNK = DARE_BLOCK
+
+
+def merge_tensors(
+    base: torch.Tensor,
+    tuned: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    method: str = "linear",
+    ratio: float = 1.0,
+    density: float = 1.0,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    name: str = "",
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Merge one tensor: `base + ratio * M(tuned - base)`, returned in `base.dtype`.
+
+    Args:
+        base (`torch.Tensor`): The original weights (theta0).
+        tuned: The fine-tuned tensor, or a list of them (task arithmetic over their deltas).
+        method (`str`): `linear`, `dare_linear`, `ties` or `dare_ties`.
+        ratio (`float`): The merge ratio alpha.
+        density (`float`): Keep fraction for DARE / TIES, in (0, 1].
+        seed (`int`): Seed of the DARE mask.
+        weights: One weight per tuned tensor; default 1.0 each.
+        name (`str`): The tensor's name; with `seed` it fixes the DARE mask.
+        compute_dtype (`torch.dtype`): Dtype the arithmetic is done in.
+
+    Returns:
+        `torch.Tensor`: The merged tensor (a new tensor; inputs are not modified).
+    """
+    from imm_trl.merging.config import check_density, check_method
+
+    check_method(method)
+    check_density(density)
+    tuned_list = [tuned] if isinstance(tuned, torch.Tensor) else list(tuned)
+    if not tuned_list:
+        raise ValueError("merge_tensors needs at least one tuned tensor")
+    for other in tuned_list:
+        if other.shape != base.shape:
+            raise ValueError(
+                f"shape mismatch for {name or 'tensor'}: base {tuple(base.shape)}, "
+                f"tuned {tuple(other.shape)}"
+            )
+    weights = [1.0] * len(tuned_list) if weights is None else [float(w) for w in weights]
+    settings = dict(
+        method=method, ratio=float(ratio), density=float(density), seed=seed, weights=weights,
+        name=name, compute_dtype=compute_dtype,
+    )
+    if method == "ties" or base.numel() <= MERGE_CHUNK:
+        return merge_flat(base, tuned_list, **settings)
+    flat_base = base.reshape(-1)
+    flat_tuned = [other.reshape(-1) for other in tuned_list]
+    out = torch.empty_like(flat_base)
+    for begin in range(0, flat_base.numel(), MERGE_CHUNK):
+        end = min(begin + MERGE_CHUNK, flat_base.numel())
+        out[begin:end] = merge_flat(
+            flat_base[begin:end], [t[begin:end] for t in flat_tuned], start=begin, **settings
+        )
+    return out.reshape(base.shape)

@@ -1,0 +1,268 @@
+"""The in-place LoRA merger for a live PEFT model (one call per IMM iteration).
+
+With LoRA, theta_t^SFT = G_{t-1} + dW_t, so the IMM update of each targeted weight is
+
+    G_t = theta0 + alpha * M(G_{t-1} - theta0 + dW_t)
+
+and every other weight stays theta0. `LoraMerger` keeps theta0 of the targeted weights only
+(a CPU copy, or read back from the original safetensors at merge time), takes dW from PEFT's
+own `get_delta_weight` (so LoRA scaling, rsLoRA and `fan_in_fan_out` are PEFT's), writes
+G_t into the base layers in place, and re-initialises the adapter (B = 0) so the next
+iteration trains a fresh one on G_t.
+
+QLoRA (bitsandbytes 4-bit / 8-bit base layers): G is kept as a bf16 master copy of each
+targeted weight; the merge updates the master and re-quantizes the layer from it, so the
+quantization error of one iteration never feeds the next.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imm_trl.merging.config import MergeConfig
+from imm_trl.merging.functional import merge_tensors
+from imm_trl.merging.io import CheckpointReader
+
+PEFT_PREFIX = "base_model.model."
+RESETTABLE_INITS = (True, "gaussian")
+
+
+@dataclass
+class MergeTarget:
+    """One base weight that LoRA layers write into (several layers if the weight is tied)."""
+
+    name: str  # parameter name in the base model, e.g. model.layers.0.mlp.up_proj.weight
+    layers: list = field(default_factory=list)  # PEFT LoraLayer modules sharing this weight
+    theta0: torch.Tensor | None = None  # CPU copy; None when read from theta0_dir
+    master: torch.Tensor | None = None  # bf16 master copy of G for quantized layers
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.layers[0].get_base_layer()
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.base_layer.weight)
+
+
+@dataclass
+class SavedModuleTarget:
+    """A `modules_to_save` parameter: the trained copy is merged into the original."""
+
+    name: str
+    original: nn.Parameter
+    trained: nn.Parameter
+    theta0: torch.Tensor
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a bitsandbytes 4-bit or 8-bit parameter."""
+    return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """The dense weight of a (possibly bitsandbytes-quantized) linear layer."""
+    weight = layer.weight
+    if not is_quantized(weight):
+        return weight.detach()
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    state = getattr(layer, "state", None) if type(weight).__name__ == "Int8Params" else weight.quant_state
+    if type(weight).__name__ == "Int8Params" and state is not None and state.SCB is None:
+        state.SCB = weight.SCB
+    return dequantize_bnb_weight(weight, state=state)
+
+
+def requantize(layer: nn.Module, dense: torch.Tensor) -> None:
+    """Replace a bitsandbytes layer's weight by the quantization of `dense` (as PEFT's merge does)."""
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if type(weight).__name__ == "Params4bit":
+        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_")}
+        kwargs.pop("data", None)
+        kwargs["bnb_quantized"] = False
+        kwargs["requires_grad"] = False
+        layer.weight = bnb.nn.Params4bit(dense.to("cpu"), **kwargs).to(weight.device)
+    else:
+        layer.weight = bnb.nn.Int8Params(
+            dense.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
+        ).to(weight.device)
+        layer.state.reset_grads()
+        layer.state.SCB = layer.weight.SCB
+
+
+def base_parameter_name(module_name: str) -> str:
+    """`base_model.model.model.layers.0.q_proj` -> `model.layers.0.q_proj.weight`."""
+    stripped = module_name[len(PEFT_PREFIX) :] if module_name.startswith(PEFT_PREFIX) else module_name
+    return f"{stripped}.weight"
+
+
+class LoraMerger:
+    """Merge a PEFT LoRA adapter into its base model in place, IMM style, and reset it.
+
+    Build it once, before the first iteration trains (it captures theta0); call
+    `merge(model, iteration)` after each iteration.
+
+    Args:
+        model: The `PeftModel` (LoRA, not DoRA).
+        config: Method, ratio (number, per-layer map or per-iteration schedule), density, seed.
+        adapter_name: The adapter to merge; default the active one.
+        theta0_dir: Read theta0 from this safetensors model directory at each merge instead
+            of keeping a CPU copy (the directory the base model was loaded from).
+        master_dtype: Dtype of the master copy kept for quantized layers.
+        reset_seed: Seed for re-initialising the adapter; None uses the global RNG.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MergeConfig,
+        adapter_name: str | None = None,
+        theta0_dir: str | os.PathLike | None = None,
+        master_dtype: torch.dtype = torch.bfloat16,
+        reset_seed: int | None = None,
+    ):
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import ModulesToSaveWrapper
+
+        self.config = config
+        self.adapter = adapter_name or getattr(model, "active_adapter", "default")
+        self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
+        self.master_dtype = master_dtype
+        self.reset_seed = reset_seed
+        self.targets: dict[int, MergeTarget] = {}
+        self.saved_modules: list[SavedModuleTarget] = []
+        self.init_lora_weights = self._init_lora_weights(model)
+
+        for module_name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and self._has_adapter(module):
+                self._check_supported(module_name, module)
+                weight = module.get_base_layer().weight
+                target = self.targets.setdefault(id(weight), MergeTarget(name=base_parameter_name(module_name)))
+                target.layers.append(module)
+            elif isinstance(module, ModulesToSaveWrapper) and self.adapter in module.modules_to_save:
+                self._add_saved_module(module_name, module)
+        if not self.targets and not self.saved_modules:
+            raise ValueError(f"the model has no LoRA layers or modules_to_save for adapter {self.adapter!r}")
+        self._capture_theta0()
+
+    def _has_adapter(self, module) -> bool:
+        return self.adapter in module.lora_A or self.adapter in getattr(module, "lora_embedding_A", {})
+
+    def _init_lora_weights(self, model) -> bool | str:
+        peft_config = getattr(model, "peft_config", {}).get(self.adapter)
+        init = getattr(peft_config, "init_lora_weights", True)
+        # Other initialisations (PiSSA, OLoRA, LoftQ, ...) rewrite the base weights themselves,
+        # which would make the adapter's starting point differ from G_t.
+        if init not in RESETTABLE_INITS and init is not False:
+            raise ValueError(
+                f"init_lora_weights={init!r} rewrites the base weights when the adapter is created, "
+                "so a fresh adapter would not start from the merged model; use True or 'gaussian'"
+            )
+        return init if init in RESETTABLE_INITS else True
+
+    def _check_supported(self, module_name: str, module) -> None:
+        if module.use_dora.get(self.adapter, False):
+            raise ValueError(
+                f"{module_name} uses DoRA; its magnitude vector rescales the whole weight, which the "
+                "IMM formula theta0 + alpha*(G - theta0 + dW) does not cover. Use use_dora=False."
+            )
+        if getattr(module, "merged", False):
+            raise ValueError(f"{module_name} already has an adapter merged in; call unmerge_adapter() first")
+        if self.adapter in getattr(module, "lora_variant", {}):
+            raise ValueError(f"{module_name} uses a LoRA variant ({type(module.lora_variant[self.adapter]).__name__}); only plain LoRA is supported")
+
+    def _add_saved_module(self, module_name: str, wrapper) -> None:
+        trained = dict(wrapper.modules_to_save[self.adapter].named_parameters())
+        seen = {id(t.trained) for t in self.saved_modules}
+        for param_name, original in wrapper.original_module.named_parameters():
+            if id(trained[param_name]) in seen:
+                continue
+            stripped = module_name[len(PEFT_PREFIX) :] if module_name.startswith(PEFT_PREFIX) else module_name
+            self.saved_modules.append(
+                SavedModuleTarget(
+                    name=f"{stripped}.{param_name}", original=original, trained=trained[param_name],
+                    theta0=original.detach().to("cpu", copy=True),
+                )
+            )
+
+    @torch.no_grad()
+    def _capture_theta0(self) -> None:
+        reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
+        try:
+            for target in self.targets.values():
+                if reader is not None:
+                    if target.name not in set(reader.names()):
+                        raise ValueError(f"theta0_dir {self.theta0_dir} has no tensor {target.name}")
+                    theta0 = None
+                else:
+                    dense = dequantize(target.base_layer)
+                    theta0 = dense.to("cpu", dtype=self.master_dtype if target.quantized else dense.dtype, copy=True)
+                target.theta0 = theta0
+                if target.quantized:
+                    source = reader.read(target.name) if reader is not None else theta0
+                    target.master = source.to(target.base_layer.weight.device, dtype=self.master_dtype, copy=True)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module | None = None, iteration: int = 1, reset: bool = True) -> None:
+        """Merge the adapter into the base weights at iteration `iteration`'s ratio, in place,
+        then (if `reset`) re-initialise the adapter. `model` is accepted for symmetry with
+        `FullWeightMerger`; the layers found at construction are the ones merged."""
+        ratio_map = self.config.ratio_map(iteration)
+        reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
+        settings = dict(
+            method=self.config.method, density=self.config.density, seed=self.config.seed + iteration,
+            compute_dtype=self.config.torch_compute_dtype,
+        )
+        try:
+            for target in self.targets.values():
+                self._merge_target(target, ratio_map.ratio_for(target.name), reader, settings)
+            for saved in self.saved_modules:
+                theta0 = saved.theta0.to(saved.original.device)
+                merged = merge_tensors(theta0, saved.trained.detach(), ratio=ratio_map.ratio_for(saved.name), name=saved.name, **settings)
+                saved.original.copy_(merged)
+                saved.trained.copy_(merged)
+        finally:
+            if reader is not None:
+                reader.close()
+        if reset:
+            self.reset_adapter()
+
+    def _merge_target(self, target: MergeTarget, ratio: float, reader, settings: dict) -> None:
+        layer_weight = target.base_layer.weight
+        current = target.master if target.quantized else layer_weight.detach()
+        theta0 = reader.read(target.name) if reader is not None else target.theta0
+        theta0 = theta0.to(current.device, dtype=current.dtype)
+        delta_w = sum(layer.get_delta_weight(self.adapter).to(torch.float32) for layer in target.layers)
+        sft = current.to(torch.float32) + delta_w  # theta_t^SFT = G_{t-1} + dW_t
+        merged = merge_tensors(theta0, sft, ratio=ratio, name=target.name, **settings)
+        if target.quantized:
+            target.master.copy_(merged)
+            requantize(target.base_layer, target.master)
+        else:
+            layer_weight.data.copy_(merged)
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Re-initialise the adapter (B = 0, A fresh) so the model equals the merged weights."""
+        with torch.random.fork_rng(devices=[], enabled=self.reset_seed is not None):
+            if self.reset_seed is not None:
+                torch.manual_seed(self.reset_seed)
+            for target in self.targets.values():
+                for layer in target.layers:
+                    layer.reset_lora_parameters(self.adapter, self.init_lora_weights)
+
+    def theta0_bytes(self) -> int:
+        """Memory held for theta0 and master copies, in bytes."""
+        tensors = [t.theta0 for t in self.targets.values()] + [t.master for t in self.targets.values()]
+        tensors += [s.theta0 for s in self.saved_modules]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -1,0 +1,113 @@
+"""Merging whole state dicts in memory, and the full-weight merger for non-LoRA IMM runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imm_trl.merging.config import (
+    MergeConfig,
+    Ratio,
+    RatioMap,
+    check_density,
+    check_method,
+    parse_ratio,
+)
+from imm_trl.merging.functional import merge_tensors
+from imm_trl.merging.io import CheckpointReader
+
+
+def merge_state_dicts(
+    base: Mapping[str, torch.Tensor],
+    tuned: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+    *,
+    method: str = "linear",
+    ratio: Ratio | RatioMap = 1.0,
+    density: float = 1.0,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Merge every tensor of `base` with the same-named tensors of `tuned`.
+
+    Args:
+        base: The original state dict (theta0).
+        tuned: A tuned state dict, or a list of them.
+        method, density, seed, weights, compute_dtype: As in `merge_tensors`.
+        ratio: A number or a per-layer ratio map.
+
+    Returns:
+        `dict[str, torch.Tensor]`: The merged state dict (new tensors, base dtypes).
+    """
+    check_method(method)
+    check_density(density)
+    ratio_map = parse_ratio(ratio)
+    tuned_list = [tuned] if isinstance(tuned, Mapping) else list(tuned)
+    for index, other in enumerate(tuned_list):
+        missing, extra = set(base) - set(other), set(other) - set(base)
+        if missing or extra:
+            raise ValueError(
+                f"tuned state dict {index} does not match the base: missing {sorted(missing)[:5]}, "
+                f"extra {sorted(extra)[:5]}"
+            )
+    merged = {}
+    for name, base_tensor in base.items():
+        tuned_tensors = [other[name] for other in tuned_list]
+        if not base_tensor.is_floating_point():
+            merged[name] = base_tensor.clone()
+            continue
+        merged[name] = merge_tensors(
+            base_tensor, tuned_tensors, method=method, ratio=ratio_map.ratio_for(name), density=density,
+            seed=seed, weights=weights, name=name, compute_dtype=compute_dtype,
+        )
+    return merged
+
+
+class FullWeightMerger:
+    """IMM merge for full fine-tuning: `G <- theta0 + alpha * M(G - theta0)`, in place.
+
+    theta0 is captured when the merger is built, either as a CPU copy of every parameter or,
+    with `theta0_dir`, read back tensor by tensor from the original safetensors directory
+    when merging (nothing kept in memory). Tied parameters are merged once.
+    """
+
+    def __init__(self, model: nn.Module, config: MergeConfig, theta0_dir: str | os.PathLike | None = None):
+        self.config = config
+        self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
+        self._theta0: dict[str, torch.Tensor] = {}
+        if self.theta0_dir is None:
+            self._theta0 = {
+                name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()
+            }
+        else:
+            with CheckpointReader(self.theta0_dir) as reader:
+                available = set(reader.names())
+            missing = [name for name, _ in model.named_parameters() if name not in available]
+            if missing:
+                raise ValueError(
+                    f"theta0_dir {self.theta0_dir} lacks parameters {missing[:5]}; it must be the "
+                    "directory the model was loaded from"
+                )
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module, iteration: int = 1) -> None:
+        """Merge `model`'s current weights with theta0, in place, at iteration `iteration`'s ratio."""
+        ratio_map = self.config.ratio_map(iteration)
+        reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
+        try:
+            for name, param in model.named_parameters():
+                theta0 = reader.read(name) if reader is not None else self._theta0[name]
+                merged = merge_tensors(
+                    theta0.to(param.device), param.detach(), method=self.config.method,
+                    ratio=ratio_map.ratio_for(name), density=self.config.density,
+                    seed=self.config.seed + iteration, name=name,
+                    compute_dtype=self.config.torch_compute_dtype,
+                )
+                param.copy_(merged)
+        finally:
+            if reader is not None:
+                reader.close()
