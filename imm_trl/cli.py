@@ -13,6 +13,54 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    import json
+
+    from imm_trl.merging import merge_checkpoints
+
+    ratio = json.loads(args.ratio) if args.ratio.lstrip().startswith("{") else float(args.ratio)
+    out = merge_checkpoints(
+        args.base,
+        args.tuned,
+        args.out,
+        method=args.method,
+        ratio=ratio,
+        density=args.density,
+        seed=args.seed,
+        weights=args.weights,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
+def _add_merge_parser(commands) -> None:
+    merge = commands.add_parser(
+        "merge",
+        help="merge checkpoints on disk: out = base + ratio * M(tuned - base), one tensor at a time",
+    )
+    merge.add_argument("base", help="original model directory (safetensors)")
+    merge.add_argument("tuned", nargs="+", help="one or more tuned model directories")
+    merge.add_argument("--out", required=True, help="output directory (must not exist)")
+    merge.add_argument("--method", default="linear", help="linear, dare_linear, ties or dare_ties")
+    merge.add_argument(
+        "--ratio", default="0.5",
+        help="merge ratio alpha, or a JSON per-layer map like '{\"layers.0-7\": 0.3, \"default\": 0.5}'",
+    )
+    merge.add_argument("--density", type=float, default=1.0, help="kept fraction for DARE/TIES, in (0, 1]")
+    merge.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+    merge.add_argument("--weights", type=float, nargs="+", help="one weight per tuned model (default 1.0)")
+    merge.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard, GiB")
+    merge.add_argument(
+        "--allow-pickle", action="store_true",
+        help="accept pickle-only checkpoints, loaded with torch.load(weights_only=True)",
+    )
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    merge.set_defaults(func=_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imm-trl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and print its directory",
     )
     prepare.set_defaults(func=_prepare_model)
+    _add_merge_parser(commands)
     return parser
 
 

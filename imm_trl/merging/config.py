@@ -21,12 +21,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 from imm_trl.merging.functional import MERGE_METHODS
 
-Ratio = Union[float, Mapping[str, float]]
-RatioSchedule = Union[Ratio, Sequence[Ratio]]
+Ratio = float | Mapping[str, float]
+RatioSchedule = Ratio | Sequence[Ratio]
 
 _RANGE_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<start>\d+)(?P<dash>-)?(?P<end>\d+)?$")
 
