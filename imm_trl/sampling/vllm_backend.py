@@ -132,7 +132,17 @@ class VLLMSampler:
             use_tqdm=self.config.show_progress,
             lora_request=self.lora_request,
         )
-        results = [[cut_at_stop(c.text, params.stop) for c in out.outputs] for out in outputs]
+        # Decoded with the HF tokenizer, as the HF backend does: vLLM's incremental detokenizer
+        # drops a trailing partial UTF-8 character, which would make the backends' texts differ.
+        results = [
+            [
+                cut_at_stop(
+                    self.tokenizer.decode(c.token_ids, skip_special_tokens=True), params.stop
+                )
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
         self.stats = GenerationStats(
             completions=sum(len(out.outputs) for out in outputs),
             generated_tokens=sum(len(c.token_ids) for out in outputs for c in out.outputs),
