@@ -196,7 +196,7 @@ def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> to
         return deltas[0] if weights[0] == 1.0 else deltas[0] * weights[0]
     total = deltas[0] * weights[0]
     for delta, weight in zip(deltas[1:], weights[1:], strict=True):
-        total.add_(delta, alpha=weight)
+        total.add_(delta * weight)  # not add_(alpha=): that may fuse multiply-add on some devices
     return total
 
 
@@ -368,3 +368,48 @@ def merge_tensors(
             flat_base[begin:end], [t[begin:end] for t in flat_tuned], start=begin, **settings
         )
     return out.reshape(base.shape)
+
+
+def merge_into_(
+    current: torch.Tensor,
+    theta0: torch.Tensor,
+    update: torch.Tensor | None = None,
+    *,
+    method: str = "linear",
+    ratio: float = 1.0,
+    density: float = 1.0,
+    seed: int = 0,
+    name: str = "",
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """In place: `current <- theta0 + ratio * M(current + update - theta0)`.
+
+    The tuned tensor is `current + update` (for LoRA: G_{t-1} + dW). When `current` is
+    already in `compute_dtype` and the method is elementwise with one model (`linear`,
+    `dare_linear`), the arithmetic runs in place with no temporaries, in the same order as
+    `merge_tensors` (so the result is bit-identical to it); otherwise it falls back to
+    `merge_tensors` and copies the result in.
+
+    Args:
+        current (`torch.Tensor`): The weights to overwrite (G).
+        theta0 (`torch.Tensor`): The original weights, same shape.
+        update (`torch.Tensor`, optional): Added to `current` to form the tuned tensor.
+        method, ratio, density, seed, name, compute_dtype: As in `merge_tensors`.
+
+    Returns:
+        `torch.Tensor`: `current`.
+    """
+    theta0 = theta0.to(current.device)
+    if current.dtype != compute_dtype or method not in ("linear", "dare_linear"):
+        tuned = current.to(compute_dtype) if update is None else current.to(compute_dtype) + update.to(compute_dtype)
+        return current.copy_(
+            merge_tensors(theta0.to(current.dtype), tuned, method=method, ratio=ratio, density=density,
+                          seed=seed, name=name, compute_dtype=compute_dtype)
+        )
+    if update is not None:
+        current.add_(update.to(compute_dtype))
+    current.sub_(theta0.to(compute_dtype))
+    if method == "dare_linear" and density < 1.0:
+        current.div_(density)
+        current.masked_fill_(~dare_keep_mask(current.shape, density, seed, name, device=current.device), 0.0)
+    return current.mul_(ratio).add_(theta0.to(compute_dtype))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from imm_trl.merging.config import MergeConfig
-from imm_trl.merging.functional import merge_tensors
+from imm_trl.merging.functional import merge_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
 
 PEFT_PREFIX = "base_model.model."
@@ -239,17 +239,16 @@ class LoraMerger:
 
     def _merge_target(self, target: MergeTarget, ratio: float, reader, settings: dict) -> None:
         layer_weight = target.base_layer.weight
-        current = target.master if target.quantized else layer_weight.detach()
+        current = target.master if target.quantized else layer_weight.data
         theta0 = reader.read(target.name) if reader is not None else target.theta0
         theta0 = theta0.to(current.device, dtype=current.dtype)
-        delta_w = sum(layer.get_delta_weight(self.adapter).to(torch.float32) for layer in target.layers)
-        sft = current.to(torch.float32) + delta_w  # theta_t^SFT = G_{t-1} + dW_t
-        merged = merge_tensors(theta0, sft, ratio=ratio, name=target.name, **settings)
+        delta_w = target.layers[0].get_delta_weight(self.adapter)
+        for layer in target.layers[1:]:  # tied weights: every layer writing into it
+            delta_w = delta_w + layer.get_delta_weight(self.adapter)
+        # theta_t^SFT = G_{t-1} + dW_t; G_t = theta0 + alpha * M(theta_t^SFT - theta0)
+        merge_into_(current, theta0, delta_w, ratio=ratio, name=target.name, **settings)
         if target.quantized:
-            target.master.copy_(merged)
             requantize(target.base_layer, target.master)
-        else:
-            layer_weight.data.copy_(merged)
 
     @torch.no_grad()
     def reset_adapter(self) -> None:

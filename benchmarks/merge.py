@@ -1,0 +1,386 @@
+"""Merge speed and memory, side by side, in one run.
+
+(a) LoRA merge into SmolLM2-135M (fp32) and into a 1.1B Llama built from a config (bf16):
+    imm-trl's `LoraMerger.merge` (alpha = 0.5, adapter re-initialised) vs PEFT's
+    `merge_and_unload`. Each measurement runs in its own process; "peak extra RSS" is the peak
+    resident memory sampled during the merge minus the resident memory just before it.
+(b) Checkpoint merge of two 1.7B-parameter bf16 checkpoints on disk (sharded safetensors):
+    `imm-trl merge` (linear and dare_linear) vs a plain read-and-write of the same bytes (read
+    both checkpoints, write one checkpoint's worth, fsync) vs mergekit `task_arithmetic` and
+    `dare_linear` run from a separate virtual environment (`.venv-mergekit`, CLI only). Wall
+    time and peak RSS (`os.wait4` rusage of each child process). Page cache is warm for all.
+
+Every child process runs with OMP_NUM_THREADS=1 (see `_env`).
+
+Usage:  python benchmarks/merge.py [--skip-lora] [--skip-checkpoints] [--workdir /tmp/imm_merge_bench]
+Writes benchmarks/results/merge.json and benchmarks/results/merge.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+MERGEKIT_YAML = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
+
+LLAMA_1B = dict(  # TinyLlama-1.1B shape
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
+)
+LLAMA_1P7B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+    num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=False,
+)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ------------------------------------------------------------------------------------------
+# memory sampling
+# ------------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Samples this process's RSS every few milliseconds between start and stop."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.start = self.process.memory_info().rss
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+# ------------------------------------------------------------------------------------------
+# (a) LoRA merge, one measurement per process
+# ------------------------------------------------------------------------------------------
+
+
+def lora_case(model_name: str, impl: str) -> dict:
+    """Build the model and a LoRA adapter with non-zero B, then time one merge."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    if model_name == "smollm2":
+        from imm_trl.models import load_default_model
+
+        model, _ = load_default_model(dtype=torch.float32)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**LLAMA_1B)
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.01)
+    result = dict(model=model_name, impl=impl, params=n_params, dtype=str(next(model.parameters()).dtype))
+    if impl == "imm":
+        from imm_trl.merging import LoraMerger, MergeConfig
+
+        with PeakRSS() as capture:
+            merger = LoraMerger(peft_model, MergeConfig(method="linear", ratio=0.5))
+        result["theta0_bytes"] = merger.theta0_bytes()
+        result["capture_extra_rss_mb"] = (capture.peak - capture.start) / 2**20
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            merger.merge(peft_model, iteration=1)
+            result["seconds"] = time.perf_counter() - start
+    else:
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            peft_model.merge_and_unload()
+            result["seconds"] = time.perf_counter() - start
+    result["merge_extra_rss_mb"] = (rss.peak - rss.start) / 2**20
+    return result
+
+
+def run_lora_benchmarks() -> list[dict]:
+    rows = []
+    for model_name in ("smollm2", "llama-1.1b"):
+        for impl in ("peft", "imm"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--lora-case", model_name, impl],
+                check=True, capture_output=True, text=True, env=_env(),
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print("lora", row, flush=True)
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# (b) checkpoint merge
+# ------------------------------------------------------------------------------------------
+
+
+def build_checkpoints(workdir: Path) -> tuple[Path, Path, dict]:
+    """Two bf16 checkpoints of the 1.7B config, sharded safetensors; tuned = base + noise."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from imm_trl.models import default_model_dir
+
+    config = LlamaConfig(**LLAMA_1P7B)
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        layout = {name: (tuple(p.shape)) for name, p in LlamaForCausalLM(config).state_dict().items()}
+    base_dir, tuned_dir = workdir / "base", workdir / "tuned"
+    generator = torch.Generator().manual_seed(0)
+    for directory, noise in ((base_dir, 0.0), (tuned_dir, 0.002)):
+        directory.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(directory)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (default_model_dir() / name).is_file():
+                shutil.copy(default_model_dir() / name, directory / name)
+        shards, shard, size, weight_map = [], {}, 0, {}
+        names = list(layout)
+        for name in names:
+            generator.manual_seed(_stable_seed(name))
+            tensor = torch.randn(layout[name], generator=generator, dtype=torch.float32).mul_(0.02)
+            if noise:
+                tensor.add_(torch.randn(layout[name], generator=generator).mul_(noise))
+            shard[name] = tensor.to(torch.bfloat16)
+            size += shard[name].numel() * 2
+            if size >= 2 * 1024**3:
+                shards.append(shard)
+                shard, size = {}, 0
+        if shard:
+            shards.append(shard)
+        total = 0
+        for index, tensors in enumerate(shards):
+            file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(tensors, directory / file_name, metadata={"format": "pt"})
+            for name, tensor in tensors.items():
+                weight_map[name] = file_name
+                total += tensor.numel() * 2
+        shards.clear()
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
+    params = sum(_numel(shape) for shape in layout.values())
+    largest = max(_numel(shape) for shape in layout.values()) * 2
+    return base_dir, tuned_dir, dict(params=params, bytes=params * 2, largest_tensor_bytes=largest)
+
+
+def _stable_seed(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode())
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def read_and_write(base_dir: str, tuned_dir: str, out_dir: str) -> None:
+    """Baseline: read every byte of both checkpoints, write the base's bytes out, fsync."""
+    out = Path(out_dir)
+    out.mkdir(parents=True)
+    chunk = 64 * 1024**2
+    buffer = bytearray(chunk)
+    for base_file in sorted(Path(base_dir).glob("*.safetensors")):
+        tuned_file = Path(tuned_dir) / base_file.name
+        with open(base_file, "rb", buffering=0) as base, open(tuned_file, "rb", buffering=0) as tuned, open(
+            out / base_file.name, "wb", buffering=0
+        ) as sink:
+            other = bytearray(chunk)
+            while True:
+                got = base.readinto(buffer)
+                tuned.readinto(other)
+                if not got:
+                    break
+                sink.write(memoryview(buffer)[:got])
+            os.fsync(sink.fileno())
+
+
+def timed_child(command: list[str], env: dict | None = None) -> dict:
+    """Run a command; wall seconds and the child's own peak RSS (wait4 rusage)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output_lines = []
+
+    def drain():
+        for line in process.stdout:
+            output_lines.append(line.decode(errors="replace"))
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    reader.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return dict(
+        seconds=seconds,
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        returncode=process.returncode,
+        tail="".join(output_lines)[-1500:] if process.returncode else "",
+    )
+
+
+def mergekit_config(method: str, base_dir: Path, tuned_dir: Path, ratio: float, density: float) -> str:
+    parameters = {"weight": ratio}
+    if method == "dare_linear":
+        parameters["density"] = density
+    return json.dumps(  # JSON is valid YAML
+        {
+            "merge_method": method,
+            "base_model": str(base_dir),
+            "models": [{"model": str(tuned_dir), "parameters": parameters}],
+            "parameters": {"normalize": False},
+            "dtype": "bfloat16",
+        }
+    )
+
+
+def run_checkpoint_benchmarks(workdir: Path) -> dict:
+    base_dir, tuned_dir, info = build_checkpoints(workdir)
+    print("checkpoints", info, flush=True)
+    # Warm the page cache so every contender reads from memory.
+    read_and_write(str(base_dir), str(tuned_dir), str(workdir / "warmup"))
+    shutil.rmtree(workdir / "warmup")
+    rows = []
+    python = sys.executable
+    contenders = [
+        ("read+write (baseline)", [python, __file__, "--read-write", str(base_dir), str(tuned_dir), str(workdir / "out")]),
+        ("imm-trl linear", [python, "-m", "imm_trl.cli", "merge", str(base_dir), str(tuned_dir), "--out", str(workdir / "out"),
+                            "--method", "linear", "--ratio", "0.5"]),
+        ("imm-trl dare_linear", [python, "-m", "imm_trl.cli", "merge", str(base_dir), str(tuned_dir), "--out", str(workdir / "out"),
+                                 "--method", "dare_linear", "--ratio", "0.5", "--density", "0.8"]),
+    ]
+    if MERGEKIT_YAML.is_file():
+        for method in ("task_arithmetic", "dare_linear"):
+            config_path = workdir / f"mergekit_{method}.yml"
+            config_path.write_text(mergekit_config(method, base_dir, tuned_dir, 0.5, 0.8))
+            contenders.append((f"mergekit {method}", [str(MERGEKIT_YAML), str(config_path), str(workdir / "out"),
+                                                       "--quiet", "--random-seed", "0"]))
+    else:
+        rows.append(dict(name="mergekit", error=f"{MERGEKIT_YAML} not found; mergekit not installed"))
+    for name, command in contenders:
+        shutil.rmtree(workdir / "out", ignore_errors=True)
+        row = dict(name=name, **timed_child(command))
+        print("checkpoint", row, flush=True)
+        rows.append(row)
+    shutil.rmtree(workdir / "out", ignore_errors=True)
+    return dict(checkpoint=info, rows=rows)
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    # The machine is shared with other jobs; with 2 cores oversubscribed, OpenMP's spinning
+    # threads make timings swing 10x. Every contender gets one intra-op thread.
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Merge benchmark ({results['machine']})", "", f"Command: `{results['command']}`", ""]
+    if results.get("lora"):
+        lines += ["## (a) LoRA merge (r=16, all linear projections; imm-trl at alpha=0.5 incl. adapter reset)", "",
+                  "| model | params | dtype | impl | seconds | peak extra RSS MiB (merge) | theta0 copy MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in results["lora"]:
+            theta0 = f"{row['theta0_bytes'] / 2**20:.0f}" if "theta0_bytes" in row else "-"
+            lines.append(f"| {row['model']} | {row['params'] / 1e9:.3f}B | {row['dtype']} | {row['impl']} | "
+                         f"{row['seconds']:.3f} | {row['merge_extra_rss_mb']:.0f} | {theta0} |")
+        for model in ("smollm2", "llama-1.1b"):
+            by_impl = {r["impl"]: r for r in results["lora"] if r["model"] == model}
+            if {"imm", "peft"} <= set(by_impl):
+                ratio = by_impl["peft"]["seconds"] / by_impl["imm"]["seconds"]
+                lines.append(f"\n{model}: imm-trl merge is {ratio:.2f}x the speed of PEFT merge_and_unload.")
+        lines.append("")
+    if results.get("checkpoints"):
+        info = results["checkpoints"]["checkpoint"]
+        lines += [f"## (b) Checkpoint merge: two {info['params'] / 1e9:.2f}B-param bf16 checkpoints "
+                  f"({info['bytes'] / 2**30:.2f} GiB each; largest tensor {info['largest_tensor_bytes'] / 2**20:.0f} MiB)", "",
+                  "| contender | seconds | x baseline | peak RSS MiB |", "|---|---|---|---|"]
+        rows = results["checkpoints"]["rows"]
+        baseline = next((r["seconds"] for r in rows if r.get("name", "").startswith("read+write")), None)
+        for row in rows:
+            if "error" in row or row.get("returncode"):
+                lines.append(f"| {row.get('name')} | failed: {row.get('error') or row.get('tail', '')[-300:]!r} | | |")
+                continue
+            factor = f"{row['seconds'] / baseline:.2f}" if baseline else "-"
+            lines.append(f"| {row['name']} | {row['seconds']:.1f} | {factor} | {row['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--skip-checkpoints", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/imm_merge_bench")
+    parser.add_argument("--lora-case", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--read-write", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.lora_case:
+        print(json.dumps(lora_case(*args.lora_case)))
+        return
+    if args.read_write:
+        read_and_write(*args.read_write)
+        return
+    results = dict(
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+        command="python " + " ".join(sys.argv),
+    )
+    if not args.skip_lora:
+        results["lora"] = run_lora_benchmarks()
+    if not args.skip_checkpoints:
+        workdir = Path(args.workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        try:
+            results["checkpoints"] = run_checkpoint_benchmarks(workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "merge.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "merge.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
