@@ -1,0 +1,147 @@
+"""`IMMConfig`: every knob of an Iterative Model Merging run, one documented dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from imm_trl.merging import MergeConfig
+from imm_trl.sampling import SamplingParams
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's own settings (arXiv 2503.02103): DARE with drop 0.2, equal-weight average
+    # with the original model, greedy generation repeated 3 times, T = 3.
+    "paper": dict(
+        iterations=3,
+        merge_method="dare_linear",
+        merge_ratio=0.5,
+        density=0.8,
+        samples_per_question=3,
+        temperature=0.0,
+    ),
+    # Plain iterative self-improvement, through the same code path: no merging back.
+    "self_improve": dict(merge_method="linear", merge_ratio=1.0, density=1.0),
+}
+
+
+@dataclass
+class IMMConfig:
+    """Settings of an IMM run; the callback and `run_imm` read only this.
+
+    `G_t = theta0 + merge_ratio * M(theta_t^SFT - theta0)` after every iteration `t`.
+    """
+
+    iterations: int = field(default=3, metadata={"help": "Number of IMM iterations T."})
+    epochs_per_iteration: float | None = field(
+        default=None,
+        metadata={"help": "SFT epochs over D_t each iteration; None keeps the trainer's num_train_epochs."},
+    )
+    merge_method: str = field(
+        default="dare_linear",
+        metadata={"help": "Delta operator M: linear, dare_linear, ties or dare_ties."},
+    )
+    merge_ratio: Any = field(
+        default=0.5,
+        metadata={
+            "help": "alpha: a number, a per-layer map like {'layers.0-7': 0.3, 'default': 0.5}, "
+            "or a list with one of those per iteration (a schedule)."
+        },
+    )
+    density: float = field(
+        default=0.8, metadata={"help": "Fraction of the delta kept by DARE/TIES, in (0, 1]."}
+    )
+    samples_per_question: int = field(
+        default=4, metadata={"help": "k: completions sampled per training question."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 = greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per sampled answer."})
+    stop: list[str] = field(default_factory=list, metadata={"help": "Stop strings for sampling."})
+    verifier: str = field(
+        default="gsm8k",
+        metadata={"help": "gsm8k, math, choice or reasoning_gym:<task> (or a reward callable)."},
+    )
+    max_correct_per_question: int | None = field(
+        default=None, metadata={"help": "Keep at most this many verified answers per question."}
+    )
+    gold_mix_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Share of gold (real) solutions mixed into D_t, in [0, 1]."},
+    )
+    sampler: str = field(default="hf", metadata={"help": "Sampling backend: hf or vllm."})
+    questions: Any = field(
+        default=None,
+        metadata={"help": "In-domain training questions: rows with `prompt` (chat or text) and `answer`."},
+    )
+    eval_sets: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Named evaluation sets (e.g. {'id': ..., 'ood': ...}) scored after each merge."},
+    )
+    reset_adapter: bool = field(
+        default=True, metadata={"help": "Start each iteration with a freshly initialised LoRA adapter."}
+    )
+    reset_optimizer: bool = field(
+        default=True,
+        metadata={"help": "Restart optimizer state and the LR schedule every iteration."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of sampling and of the DARE masks."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where iteration checkpoints and metrics go; default <trainer output_dir>/imm."},
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the last completed iteration in output_dir."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.samples_per_question < 1:
+            raise ValueError(f"samples_per_question must be >= 1, got {self.samples_per_question}")
+        if not 0.0 <= self.gold_mix_ratio <= 1.0:
+            raise ValueError(f"gold_mix_ratio must be in [0, 1], got {self.gold_mix_ratio}")
+        if self.sampler not in ("hf", "vllm"):
+            raise ValueError(f"sampler must be 'hf' or 'vllm', got {self.sampler!r}")
+        if isinstance(self.merge_ratio, list) and len(self.merge_ratio) != self.iterations:
+            raise ValueError(
+                f"merge_ratio schedule has {len(self.merge_ratio)} entries for {self.iterations} "
+                "iterations; give exactly one per iteration"
+            )
+        self.merge_config  # validates method, density and ratio now rather than after training
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> IMMConfig:
+        """A named preset (`paper`, `self_improve`) with `overrides` applied on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> IMMConfig:
+        """Build from a mapping (a YAML recipe's `imm:` section); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - {"preset"})
+        if unknown:
+            raise ValueError(f"unknown IMMConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        values = dict(values)
+        preset = values.pop("preset", None)
+        return cls.preset(preset, **values) if preset else cls(**values)
+
+    def with_overrides(self, **overrides) -> IMMConfig:
+        return replace(self, **overrides)
+
+    @property
+    def merge_config(self) -> MergeConfig:
+        return MergeConfig(
+            method=self.merge_method, ratio=self.merge_ratio, density=self.density, seed=self.seed
+        )
+
+    @property
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            stop=tuple(self.stop),
+            seed=self.seed,
+        )

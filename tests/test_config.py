@@ -1,0 +1,44 @@
+"""IMMConfig: presets, validation, typo detection."""
+
+import pytest
+
+from imm_trl.config import IMMConfig
+
+
+def test_paper_preset_is_the_papers_settings():
+    config = IMMConfig.preset("paper")
+    assert (config.iterations, config.merge_method, config.merge_ratio, config.density) == (3, "dare_linear", 0.5, 0.8)
+    assert config.samples_per_question == 3 and config.sampling_params.greedy
+
+
+def test_self_improve_preset_merges_nothing_back():
+    merge = IMMConfig.preset("self_improve").merge_config
+    assert (merge.method, merge.ratio, merge.density) == ("linear", 1.0, 1.0)
+
+
+def test_preset_overrides_apply_on_top():
+    assert IMMConfig.preset("paper", iterations=5).iterations == 5
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"iteratons": 3}, "unknown IMMConfig field"),
+        ({"merge_method": "dare"}, "unknown merge method"),
+        ({"density": 1.5}, "density"),
+        ({"sampler": "vlm"}, "sampler must be"),
+        ({"iterations": 2, "merge_ratio": [0.5]}, "one per iteration"),
+        ({"preset": "papr"}, "unknown preset"),
+        ({"merge_ratio": {"layers.x-": 0.3}}, "layers"),
+    ],
+)
+def test_config_mistakes_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        IMMConfig.from_dict(values)
+
+
+def test_per_layer_ratio_map_and_schedule_are_accepted():
+    config = IMMConfig(iterations=2, merge_ratio=[{"layers.0-0": 0.3, "default": 0.5}, 0.7])
+    assert config.merge_config.ratio_map(1).ratio_for("model.layers.0.mlp.up_proj.weight") == 0.3
+    assert config.merge_config.ratio_map(1).ratio_for("model.layers.1.mlp.up_proj.weight") == 0.5
+    assert config.merge_config.ratio_map(2).ratio_for("model.layers.0.mlp.up_proj.weight") == 0.7
