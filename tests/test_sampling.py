@@ -101,15 +101,4 @@ def test_auto_batch_size_follows_memory(tiny):
     assert 1 <= small < large <= 1024
     assert auto_batch_size(model, 512, memory_bytes=1, max_batch_size=64) == 1
 
-
-@pytest.mark.integration
-def test_hf_sampler_default_model_k_samples():
-    from imm_trl.models import load_default_model
-
-    model, tokenizer = load_default_model()
-    sampler = HFSampler(model, tokenizer, quiet())
-    outputs = sampler.generate(
-        CHAT_PROMPTS, 3, SamplingParams(temperature=0.8, max_new_tokens=24, seed=0)
-    )
-    assert [len(s) for s in outputs] == [3, 3, 3]
-    assert all(text.strip() for samples in outputs for text in samples)
+# The default-model HF checks live in test_sampling_vllm_default.py, next to vLLM's.
