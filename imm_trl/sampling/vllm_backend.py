@@ -111,6 +111,8 @@ class VLLMSampler:
         from vllm import SamplingParams as EngineSamplingParams
         from vllm.inputs import TokensPrompt
 
+        if not prompts:
+            return []
         start = time.perf_counter()
         # Prompts are tokenised with the same HF tokenizer as the HF backend, so both backends
         # see exactly the same input ids.
@@ -170,8 +172,10 @@ class VLLMSampler:
     def update_weights(
         self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
     ) -> float:
-        """Replace the engine's weights in place with HF-format tensors (e.g. a merged model's
-        `state_dict()`); returns the seconds it took. The prefix cache is cleared, since cached
+        """Replace the engine's weights in place with HF-format tensors (e.g. a merged plain
+        transformers model's `state_dict()`, names like `model.layers.0.self_attn.q_proj.weight`;
+        not a PeftModel's); returns the seconds it took. vLLM's own loader does the renaming and
+        fusing (q/k/v, gate/up), so a subset of the weights may be passed too. The prefix cache is cleared, since cached
         keys and values were computed by the old weights."""
         if not self.config.in_process:
             raise RuntimeError(
