@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from imm_trl.merging import MergeConfig
+from imm_trl.rejection import RejectionSamplingConfig
 from imm_trl.sampling import SamplingParams
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,21 +58,28 @@ class IMMConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per sampled answer."})
     stop: list[str] = field(default_factory=list, metadata={"help": "Stop strings for sampling."})
-    verifier: str = field(
+    verifier: Any = field(
         default="gsm8k",
         metadata={"help": "gsm8k, math, choice or reasoning_gym:<task> (or a reward callable)."},
     )
     max_correct_per_question: int | None = field(
         default=None, metadata={"help": "Keep at most this many verified answers per question."}
     )
-    gold_mix_ratio: float = field(
+    real_data_ratio: float = field(
         default=0.0,
-        metadata={"help": "Share of gold (real) solutions mixed into D_t, in [0, 1]."},
+        metadata={"help": "Share of D_t made of gold (real) solutions, in [0, 1)."},
     )
     sampler: str = field(default="hf", metadata={"help": "Sampling backend: hf or vllm."})
     questions: Any = field(
         default=None,
-        metadata={"help": "In-domain training questions: rows with `prompt` (chat or text) and `answer`."},
+        metadata={"help": "In-domain training questions: a Dataset or list of rows."},
+    )
+    question_column: str = field(
+        default="question", metadata={"help": "Column with the question (text or chat messages)."}
+    )
+    gold_column: str = field(default="answer", metadata={"help": "Column with the gold answer."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message put before text questions."}
     )
     eval_sets: dict[str, Any] = field(
         default_factory=dict,
@@ -98,8 +106,8 @@ class IMMConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.samples_per_question < 1:
             raise ValueError(f"samples_per_question must be >= 1, got {self.samples_per_question}")
-        if not 0.0 <= self.gold_mix_ratio <= 1.0:
-            raise ValueError(f"gold_mix_ratio must be in [0, 1], got {self.gold_mix_ratio}")
+        if not 0.0 <= self.real_data_ratio < 1.0:
+            raise ValueError(f"real_data_ratio must be in [0, 1), got {self.real_data_ratio}")
         if self.sampler not in ("hf", "vllm"):
             raise ValueError(f"sampler must be 'hf' or 'vllm', got {self.sampler!r}")
         if isinstance(self.merge_ratio, list) and len(self.merge_ratio) != self.iterations:
@@ -107,7 +115,7 @@ class IMMConfig:
                 f"merge_ratio schedule has {len(self.merge_ratio)} entries for {self.iterations} "
                 "iterations; give exactly one per iteration"
             )
-        self.merge_config  # validates method, density and ratio now rather than after training
+        _ = self.merge_config  # validates method, density and ratio now, not after training
 
     @classmethod
     def preset(cls, name: str, **overrides) -> IMMConfig:
@@ -136,12 +144,24 @@ class IMMConfig:
             method=self.merge_method, ratio=self.merge_ratio, density=self.density, seed=self.seed
         )
 
-    @property
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-            stop=tuple(self.stop),
-            seed=self.seed,
+    def rejection_config(self, iteration: int) -> RejectionSamplingConfig:
+        """Rejection-sampling settings of iteration `iteration`; its own seed, so a resumed
+        run samples what an uninterrupted one would have."""
+        return RejectionSamplingConfig(
+            samples_per_question=self.samples_per_question,
+            max_correct_per_question=self.max_correct_per_question,
+            real_data_ratio=self.real_data_ratio,
+            verifier=self.verifier,
+            question_column=self.question_column,
+            gold_column=self.gold_column,
+            solution_column=self.gold_column,
+            system_prompt=self.system_prompt,
+            sampling=SamplingParams(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens,
+                stop=tuple(self.stop),
+                seed=self.seed + iteration,
+            ),
+            seed=self.seed + iteration,
         )

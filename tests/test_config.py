@@ -8,7 +8,7 @@ from imm_trl.config import IMMConfig
 def test_paper_preset_is_the_papers_settings():
     config = IMMConfig.preset("paper")
     assert (config.iterations, config.merge_method, config.merge_ratio, config.density) == (3, "dare_linear", 0.5, 0.8)
-    assert config.samples_per_question == 3 and config.sampling_params.greedy
+    assert config.samples_per_question == 3 and config.rejection_config(1).sampling.greedy
 
 
 def test_self_improve_preset_merges_nothing_back():

@@ -13,7 +13,7 @@ def test_tiny_model_is_deterministic_by_seed():
     a, _ = tiny_model(seed=3)
     b, _ = tiny_model(seed=3)
     c, _ = tiny_model(seed=4)
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
 
