@@ -1,3 +1,18 @@
 """imm-trl: Iterative Model Merging for self-improving reasoners, as a TRL plugin."""
 
 __version__ = "0.1.0"
+
+__all__ = ["IMMCallback", "IMMConfig"]
+
+
+def __getattr__(name):
+    # Lazy, so `import imm_trl` (e.g. for the CLI's --help) does not import torch and TRL.
+    if name == "IMMConfig":
+        from imm_trl.config import IMMConfig
+
+        return IMMConfig
+    if name == "IMMCallback":
+        from imm_trl.callback import IMMCallback
+
+        return IMMCallback
+    raise AttributeError(f"module 'imm_trl' has no attribute {name!r}")
