@@ -148,7 +148,15 @@ def test_theta0_read_from_safetensors_dir_equals_cpu_copy(tmp_path):
     assert all(torch.equal(cpu_weights[k], dir_weights[k]) for k in cpu_weights)
 
 
+def _requantize_nf4(weight):
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight.float(), quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state)
+
+
 def test_qlora_error_does_not_accumulate_over_five_iterations(tmp_path):
+    torch.manual_seed(0)
     original, _ = tiny_model(seed=0)
     original.save_pretrained(tmp_path)
     quantized = LlamaForCausalLM.from_pretrained(
@@ -160,18 +168,28 @@ def test_qlora_error_does_not_accumulate_over_five_iterations(tmp_path):
     targets = list(merger.targets.values())
     theta0 = {t.name: original.state_dict()[t.name].to(torch.bfloat16) for t in targets}
     reference = dict(theta0)  # bf16 dense IMM run fed the same adapters
-    errors = []
+    naive = {t.name: dequantize(t.base_layer).float() for t in targets}  # merge into the 4-bit weights
+    errors, naive_errors = [], []
     for iteration in range(1, 6):
         _randomize_lora_b(peft_model, seed=10 + iteration, std=0.02)
         for t in targets:
-            sft = reference[t.name].float() + t.layers[0].get_delta_weight("default").float()
+            delta = t.layers[0].get_delta_weight("default").float()
             base = theta0[t.name].float()
-            reference[t.name] = (base + 0.5 * (sft - base)).to(torch.bfloat16)
+            reference[t.name] = (base + 0.5 * (reference[t.name].float() + delta - base)).to(torch.bfloat16)
+            naive[t.name] = _requantize_nf4(base + 0.5 * (naive[t.name] + delta - base))
         merger.merge(peft_model, iteration=iteration)
         assert all(torch.equal(t.master, reference[t.name]) for t in targets)  # the master never drifts
-        error = sum((dequantize(t.base_layer).float() - reference[t.name].float()).norm() ** 2 for t in targets) ** 0.5
-        errors.append(error.item())
-    assert errors[-1] <= errors[0], errors
+        errors.append(_norm([dequantize(t.base_layer).float() - reference[t.name].float() for t in targets]))
+        naive_errors.append(_norm([naive[t.name] - reference[t.name].float() for t in targets]))
+    # Each merge is a fresh quantization of a different matrix, so its error wobbles by ~0.1%;
+    # merging into the 4-bit weights instead (no master) carries rounding from one iteration
+    # into the next: its error grows and ends above ours (alpha < 1 damps the growth).
+    assert errors[-1] <= errors[0] * 1.005, errors
+    assert naive_errors[-1] > naive_errors[0] and naive_errors[-1] > errors[-1], (errors, naive_errors)
+
+
+def _norm(tensors):
+    return sum(t.norm() ** 2 for t in tensors).item() ** 0.5
 
 
 def test_full_weight_merger_matches_state_dict_merge(tmp_path):

@@ -26,20 +26,6 @@ MERGE_METHODS = ("linear", "dare_linear", "ties", "dare_ties")
 DARE_BLOCK = 1 << 20
 
 
-def task_vector(base: torch.Tensor, tuned: torch.Tensor, dtype: torch.dtype = torch.float32):
-    """The delta `tuned - base`, computed in `dtype`.
-
-    Args:
-        base (`torch.Tensor`): The original weights.
-        tuned (`torch.Tensor`): The fine-tuned weights, same shape as `base`.
-        dtype (`torch.dtype`): The dtype the subtraction is done in.
-
-    Returns:
-        `torch.Tensor`: The delta, in `dtype` (always a new tensor).
-    """
-    return tuned.to(dtype) - base.to(dtype)
-
-
 def name_key(seed: int, name: str) -> tuple[int, int]:
     """Two 32-bit keys derived from (seed, tensor name), the same in every process.
 
@@ -125,7 +111,7 @@ def dare_prune(delta: torch.Tensor, mask: torch.Tensor, density: float) -> torch
     """
     if density >= 1.0:
         return delta
-    return torch.where(mask, delta / density, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    return (delta / density).masked_fill_(~mask, 0.0)
 
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -256,21 +242,6 @@ def _model_name(name: str, model_index: int) -> str:
     return name if model_index == 0 else f"{name}#{model_index}"
 
 
-def apply_delta(base: torch.Tensor, delta: torch.Tensor, ratio: float) -> torch.Tensor:
-    """`base + ratio * delta` (multiply, then add: no fused multiply-add, so the result is the
-    same bit for bit on every device), computed in the delta's dtype, cast to `base.dtype`.
-
-    Args:
-        base (`torch.Tensor`): The original weights.
-        delta (`torch.Tensor`): The combined delta; consumed (scaled in place).
-        ratio (`float`): The merge ratio alpha.
-
-    Returns:
-        `torch.Tensor`: The merged tensor, in `base.dtype`.
-    """
-    return delta.mul_(ratio).add_(base.to(delta.dtype)).to(base.dtype)
-
-
 def merge_flat(
     base: torch.Tensor,
     tuned: Sequence[torch.Tensor],
@@ -283,27 +254,49 @@ def merge_flat(
     name: str,
     compute_dtype: torch.dtype,
     start: int = 0,
+    out: torch.Tensor | None = None,
+    scratch: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merge a slice of a tensor: `base + ratio * M(tuned - base)`, in `base.dtype`.
 
     The slice begins at flat index `start` of the full tensor; elementwise methods give the
     same result for any slicing. `ties` needs the whole tensor (its top-k is global).
+    The arithmetic is done in `compute_dtype` and rounded once to `base.dtype`.
 
     Args:
         base (`torch.Tensor`): Slice of the original weights.
         tuned: Matching slices of the tuned weights.
         method, ratio, density, seed, weights, name, compute_dtype: as in `merge_tensors`.
         start (`int`): Flat index of the slice's first element in the full tensor.
+        out (`torch.Tensor`, optional): Where to write the result (dtype `base.dtype`).
+        scratch (optional): Buffers from `new_scratch`, at least as long as the slice.
 
     Returns:
         `torch.Tensor`: The merged slice.
     """
-    base_compute = base.to(compute_dtype)
-    deltas = [other.to(compute_dtype) - base_compute for other in tuned]
+    count = base.numel()
+    if scratch is None:
+        scratch = new_scratch(count, len(tuned), compute_dtype, base.device)
+    base_compute = scratch[0][:count].view(base.shape).copy_(base)
+    deltas = [
+        buffer[:count].view(base.shape).copy_(other).sub_(base_compute)
+        for buffer, other in zip(scratch[1:], tuned, strict=False)
+    ]
     delta = combine_deltas(
         deltas, method=method, weights=weights, density=density, seed=seed, name=name, start=start
     )
-    return delta.mul_(ratio).add_(base_compute).to(base.dtype)
+    if out is None:
+        out = torch.empty_like(base)
+    return out.copy_(delta.mul_(ratio).add_(base_compute))
+
+
+def new_scratch(count: int, models: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """Work buffers for `merge_flat`: one for the base, one per tuned model.
+
+    Reused across chunks because fresh multi-megabyte allocations are returned to the OS
+    when freed, and faulting their pages back in costs more than the arithmetic.
+    """
+    return [torch.empty(count, dtype=dtype, device=device) for _ in range(models + 1)]
 
 
 # Elements merged at a time by elementwise methods: small enough that the temporaries of one
@@ -362,10 +355,12 @@ def merge_tensors(
     flat_base = base.reshape(-1)
     flat_tuned = [other.reshape(-1) for other in tuned_list]
     out = torch.empty_like(flat_base)
+    scratch = new_scratch(MERGE_CHUNK, len(tuned_list), compute_dtype, base.device)
     for begin in range(0, flat_base.numel(), MERGE_CHUNK):
         end = min(begin + MERGE_CHUNK, flat_base.numel())
-        out[begin:end] = merge_flat(
-            flat_base[begin:end], [t[begin:end] for t in flat_tuned], start=begin, **settings
+        merge_flat(
+            flat_base[begin:end], [t[begin:end] for t in flat_tuned], start=begin,
+            out=out[begin:end], scratch=scratch, **settings,
         )
     return out.reshape(base.shape)
 

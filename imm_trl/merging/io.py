@@ -141,18 +141,16 @@ class CheckpointReader:
         if self._pickled:
             return self._pickled[name].clone()
         info = self._infos[name]
-        buffer = bytearray(info.nbytes)
-        if info.nbytes:
-            view = memoryview(buffer)
-            done = 0
-            fd = self._fd(info.path)
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.begin + done)
-                if got == 0:
-                    raise OSError(f"{info.path} is truncated at tensor {name!r}")
-                done += got
-            return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
-        return torch.empty(info.shape, dtype=info.dtype)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(raw.numpy())
+        done = 0
+        fd = self._fd(info.path)
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:]], info.begin + done)
+            if got == 0:
+                raise OSError(f"{info.path} is truncated at tensor {name!r}")
+            done += got
+        return raw.view(info.dtype).reshape(info.shape)
 
     def _fd(self, path: Path) -> int:
         if path not in self._handles:
