@@ -60,6 +60,14 @@ class RejectionSamplingConfig:
     reward_threshold: float = field(
         default=1.0, metadata={"help": "Score at or above which a reward/score counts as correct."}
     )
+    reward_completions_as_messages: bool = field(
+        default=True,
+        metadata={
+            "help": "Give a reward-function verifier conversational completions "
+            "([{'role': 'assistant', 'content': ...}]) and message-list `prompts`, as TRL does "
+            "for conversational datasets; False gives plain strings."
+        },
+    )
     question_column: str = field(
         default="question",
         metadata={"help": "Column with the question: a string or a list of chat messages."},
@@ -198,6 +206,7 @@ class RejectionSampler:
             self.config.verifier,
             time_limit_s=self.config.verifier_time_limit_s,
             threshold=self.config.reward_threshold,
+            completions_as_messages=self.config.reward_completions_as_messages,
         )
 
     def run(self, questions: Dataset | Sequence[Mapping[str, Any]]) -> RejectionResult:
@@ -285,7 +294,12 @@ class RejectionSampler:
         if self.verifier.reward_function is not None:
             names = {name for row_id in usable for name in rows[row_id]} - {config.question_column}
             columns = {name: [rows[r].get(name) for r in flat_rows] for name in sorted(names)}
-            columns.setdefault("prompts", [rows[r][config.question_column] for r in flat_rows])
+            columns["prompts"] = [
+                as_messages(rows[r][config.question_column], config.system_prompt)
+                if config.reward_completions_as_messages
+                else rows[r][config.question_column]
+                for r in flat_rows
+            ]
         before = dict(self.verifier.counts)
         flat_verdicts = (
             self.verifier.verify_batch(flat_texts, flat_golds, columns) if flat_texts else []

@@ -168,7 +168,10 @@ def test_verifier_timeouts_and_errors_are_counted():
 
     script = {"q0": ["fine", "slow"], "q1": ["broken", "fine"], "q2": ["fine", "fine again"]}
     config = RejectionSamplingConfig(
-        samples_per_question=2, verifier=slow_or_broken_reward, verifier_time_limit_s=0.05
+        samples_per_question=2,
+        verifier=slow_or_broken_reward,
+        verifier_time_limit_s=0.05,
+        reward_completions_as_messages=False,
     )
     stats = RejectionSampler(ScriptedSampler(script), config).run(rows).stats
     assert stats.timeouts == 1 and stats.verifier_errors == 1
@@ -191,8 +194,9 @@ def test_end_to_end_with_hf_sampler_and_sft_trainer(tmp_path):
     model, tokenizer = tiny_model(seed=0)
     sampler = HFSampler(model, tokenizer, HFSamplerConfig(show_progress=False))
 
-    def non_empty(completions, **_):  # the tiny model cannot do maths; accept any text
-        return [1.0 if c.strip() else 0.0 for c in completions]
+    def non_empty(completions, prompts, **_):  # the tiny model cannot do maths; accept any text
+        assert prompts[0][-1]["role"] == "user"  # TRL-style conversational arguments
+        return [1.0 if c[0]["content"].strip() else 0.0 for c in completions]
 
     config = RejectionSamplingConfig(
         samples_per_question=2, verifier=non_empty, sampling=SamplingParams(max_new_tokens=8)
@@ -220,3 +224,24 @@ def test_end_to_end_with_hf_sampler_and_sft_trainer(tmp_path):
     assert masked[0] and not all(masked)
     assert masked == sorted(masked, reverse=True)  # masked prompt first, then completion
     trainer.train()
+
+
+def test_trl_accuracy_reward_works_as_a_verifier():
+    """TRL's own reward function, fed conversational completions and the `solution` column."""
+    from trl.rewards import accuracy_reward
+
+    rows = [
+        {"question": "What is half of one?", "solution": "$\\frac{1}{2}$"},
+        {"question": "What is 2 + 2?", "solution": "$4$"},
+    ]
+    script = {
+        "What is half of one?": ["It is \\boxed{\\frac{1}{2}}", "It is \\boxed{0.4}"],
+        "What is 2 + 2?": ["\\boxed{4}", "\\boxed{5}"],
+    }
+    config = RejectionSamplingConfig(samples_per_question=2, verifier=accuracy_reward)
+    result = RejectionSampler(ScriptedSampler(script), config).run(rows)
+    assert result.stats.correct_samples == 2 and result.stats.verifier_errors == 0
+    assert [ex["completion"][0]["content"] for ex in result.dataset] == [
+        "It is \\boxed{\\frac{1}{2}}",
+        "\\boxed{4}",
+    ]

@@ -63,6 +63,9 @@ class Verifier:
     reward_function: RewardFunction | None = None
     threshold: float = 1.0
     time_limit_s: float = 1.0
+    # TRL hands reward functions conversational completions ([{"role": "assistant", ...}]) when
+    # the dataset is conversational, plain strings otherwise; this picks which they get here.
+    completions_as_messages: bool = False
     counts: Counter = field(default_factory=Counter)
 
     def gold_problem(self, gold: Any) -> str | None:
@@ -114,6 +117,8 @@ class Verifier:
     def _verify_with_reward(
         self, completions: list[str], columns: dict[str, Sequence[Any]]
     ) -> list[Verdict]:
+        if self.completions_as_messages:
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
         # Whole batch first (reward functions are often vectorised); if it fails or runs over,
         # score item by item so that one bad completion does not sink the others.
         try:
@@ -148,15 +153,27 @@ class Verifier:
 
 
 def get_verifier(
-    spec: str | RewardFunction | Verifier, time_limit_s: float = 1.0, threshold: float = 1.0
+    spec: str | RewardFunction | Verifier,
+    time_limit_s: float = 1.0,
+    threshold: float = 1.0,
+    completions_as_messages: bool = False,
 ) -> Verifier:
     """A `Verifier` from a name (`gsm8k`, `math`, `choice`, `reasoning_gym:<task>`), a TRL-style
-    reward function, or an existing `Verifier` (returned as is)."""
+    reward function, or an existing `Verifier` (returned as is).
+
+    A reward function that itself uses SIGALRM (math-verify's default timeouts, as in
+    `trl.rewards.accuracy_reward`) replaces our per-check timer with its own for that call."""
     if isinstance(spec, Verifier):
         return spec
     if callable(spec):
         name = getattr(spec, "__name__", type(spec).__name__)
-        return Verifier(name, reward_function=spec, threshold=threshold, time_limit_s=time_limit_s)
+        return Verifier(
+            name,
+            reward_function=spec,
+            threshold=threshold,
+            time_limit_s=time_limit_s,
+            completions_as_messages=completions_as_messages,
+        )
     if spec == "math":
         # The first call imports sympy and builds math-verify's parsers (seconds); doing it here
         # keeps that out of the first check's time limit.
