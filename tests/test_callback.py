@@ -20,8 +20,9 @@ QUESTIONS = [{"question": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} f
 
 
 def any_text(completions, **columns):
-    """A TRL-style reward: every non-empty completion passes (the tiny model knows no maths)."""
-    return [1.0 if text.strip() else 0.0 for text in completions]
+    """A TRL reward function (conversational completions): every non-empty completion passes,
+    since the tiny random model knows no maths."""
+    return [1.0 if completion[0]["content"].strip() else 0.0 for completion in completions]
 
 
 class Recorder(TrainerCallback):
