@@ -10,17 +10,21 @@ so an interrupted merge never leaves a directory that looks like a model.
 from __future__ import annotations
 
 import json
+import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from imm_trl.merging.config import Ratio, RatioMap, check_density, check_method, parse_ratio
-from imm_trl.merging.functional import merge_tensors
+from imm_trl.merging.functional import MERGE_CHUNK, merge_flat, merge_tensors, new_scratch
 from imm_trl.merging.io import (
     PICKLE_WEIGHT_SUFFIXES,
     CheckpointReader,
@@ -42,6 +46,10 @@ ARCHITECTURE_KEYS = (
     "tie_word_embeddings",
 )
 PARTIAL_MARKER = ".partial-"
+# Elements streamed per piece (a multiple of the DARE mask block) and pieces in flight
+# (one being read, one merged, one written): memory is bounded by these, not by tensor size.
+STREAM_CHUNK = 8 * MERGE_CHUNK
+IN_FLIGHT = 3
 
 
 def merge_checkpoints(
@@ -180,14 +188,45 @@ def merge_one(name: str, base: torch.Tensor, tuned: list[torch.Tensor], ratio: f
             raise ValueError(f"integer tensor {name} differs between checkpoints; it cannot be merged")
         return base
     merged = merge_tensors(base, tuned, ratio=ratio, name=name, **settings)
-    # A NaN or Inf anywhere makes the sum non-finite; the sum is one fast pass, the exact
-    # elementwise check runs only to confirm (a sum can overflow on huge finite values).
-    if not torch.isfinite(merged.sum(dtype=torch.float32)) and not torch.isfinite(merged).all():
-        raise ValueError(
-            f"the merged tensor {name} contains NaN or Inf (check the inputs for NaN/Inf and the "
-            "ratio for overflow in the output dtype); nothing was written"
-        )
+    _refuse_non_finite(name, merged)
     return merged
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A piece of one tensor to merge: elements [start, start + count) of its flat view, or
+    the whole tensor (`whole`) for methods that need it (TIES) and non-float tensors."""
+
+    tensor: PlannedTensor
+    start: int
+    count: int
+    whole: bool
+
+
+def plan_units(planned: list[PlannedTensor], method: str, chunk: int = STREAM_CHUNK) -> list[WorkUnit]:
+    """Split every tensor into streamable pieces of at most `chunk` elements."""
+    units = []
+    for tensor in planned:
+        numel = math.prod(tensor.shape)
+        if method == "ties" or not tensor.dtype.is_floating_point:
+            units.append(WorkUnit(tensor, 0, numel, whole=True))
+            continue
+        units.extend(WorkUnit(tensor, start, min(chunk, numel - start), whole=False) for start in range(0, numel, chunk))
+    return units
+
+
+class BufferSet:
+    """Reused buffers for one in-flight piece: base, each tuned model, and the output."""
+
+    def __init__(self, models: int):
+        self.raw = [torch.empty(0, dtype=torch.uint8) for _ in range(models + 2)]
+
+    def views(self, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
+        size = count * torch.empty((), dtype=dtype).element_size()
+        for i, raw in enumerate(self.raw):
+            if raw.numel() < size:
+                self.raw[i] = torch.empty(size, dtype=torch.uint8)
+        return [raw[:size].view(dtype) for raw in self.raw]
 
 
 def stream_merge(
@@ -198,26 +237,88 @@ def stream_merge(
     ratio_map: RatioMap,
     settings: dict,
 ) -> None:
-    """Read, merge and write every planned tensor; the next read and the previous write run
-    in background threads while the current tensor is merged (at most 3 in flight)."""
+    """Read, merge and write every tensor in pieces of STREAM_CHUNK elements through a few
+    reused buffers; the next read and the previous write run in background threads while the
+    current piece is merged. Memory: IN_FLIGHT buffer sets (plus whole tensors for TIES)."""
+    units = plan_units(planned, settings["method"])
+    free: queue.Queue[BufferSet] = queue.Queue()
+    for _ in range(IN_FLIGHT):
+        free.put(BufferSet(len(tuned)))
+    stop = threading.Event()
+    scratch = new_scratch(MERGE_CHUNK, len(tuned), settings["compute_dtype"], "cpu")
 
-    def read(name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return base.read(name), [reader.read(name) for reader in tuned]
+    def take_buffers() -> BufferSet:
+        while True:
+            try:
+                return free.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    raise RuntimeError("merge aborted") from None
+
+    def read(unit: WorkUnit):
+        name = unit.tensor.name
+        if unit.whole:
+            return None, base.read(name), [reader.read(name) for reader in tuned]
+        buffers = take_buffers()
+        base_buffer, *tuned_buffers, _ = buffers.views(unit.tensor.dtype, unit.count)
+        base.read_range_into(name, unit.start, base_buffer)
+        for reader, buffer in zip(tuned, tuned_buffers, strict=True):
+            reader.read_range_into(name, unit.start, buffer)
+        return buffers, base_buffer, tuned_buffers
+
+    def write(unit: WorkUnit, merged: torch.Tensor, buffers: BufferSet | None) -> None:
+        writer.write(unit.tensor.name, merged)
+        if buffers is not None:
+            free.put(buffers)
 
     with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
-        pending_write: Future | None = None
-        next_read = reader_pool.submit(read, planned[0].name) if planned else None
-        for position, tensor in enumerate(planned):
-            base_tensor, tuned_tensors = next_read.result()
-            if position + 1 < len(planned):
-                next_read = reader_pool.submit(read, planned[position + 1].name)
-            merged = merge_one(tensor.name, base_tensor, tuned_tensors, ratio_map.ratio_for(tensor.name), settings)
-            del base_tensor, tuned_tensors
+        try:
+            pending_write: Future | None = None
+            next_read = reader_pool.submit(read, units[0]) if units else None
+            for position, unit in enumerate(units):
+                buffers, base_piece, tuned_pieces = next_read.result()
+                if position + 1 < len(units):
+                    next_read = reader_pool.submit(read, units[position + 1])
+                ratio = ratio_map.ratio_for(unit.tensor.name)
+                if unit.whole:
+                    merged = merge_one(unit.tensor.name, base_piece, tuned_pieces, ratio, settings)
+                else:
+                    out = buffers.views(unit.tensor.dtype, unit.count)[-1]
+                    merged = merge_piece(unit, base_piece, tuned_pieces, out, ratio, settings, scratch)
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer_pool.submit(write, unit, merged, buffers)
             if pending_write is not None:
                 pending_write.result()
-            pending_write = writer_pool.submit(writer.write, tensor.name, merged)
-        if pending_write is not None:
-            pending_write.result()
+        except BaseException:
+            stop.set()
+            raise
+
+
+def merge_piece(unit: WorkUnit, base: torch.Tensor, tuned: list[torch.Tensor], out: torch.Tensor,
+                ratio: float, settings: dict, scratch: list[torch.Tensor]) -> torch.Tensor:
+    """Merge one streamed piece (elementwise methods) into `out` and refuse NaN/Inf."""
+    weights = settings["weights"]
+    weights = [1.0] * len(tuned) if weights is None else [float(w) for w in weights]
+    for begin in range(0, unit.count, MERGE_CHUNK):
+        end = min(begin + MERGE_CHUNK, unit.count)
+        merge_flat(
+            base[begin:end], [t[begin:end] for t in tuned], method=settings["method"], ratio=ratio,
+            density=settings["density"], seed=settings["seed"], weights=weights, name=unit.tensor.name,
+            compute_dtype=settings["compute_dtype"], start=unit.start + begin, out=out[begin:end], scratch=scratch,
+        )
+    _refuse_non_finite(unit.tensor.name, out)
+    return out
+
+
+def _refuse_non_finite(name: str, merged: torch.Tensor) -> None:
+    # A NaN or Inf anywhere makes the sum non-finite; the sum is one fast pass, the exact
+    # elementwise check runs only to confirm (a sum can overflow on huge finite values).
+    if not torch.isfinite(merged.sum(dtype=torch.float32)) and not torch.isfinite(merged).all():
+        raise ValueError(
+            f"the merged tensor {name} contains NaN or Inf (check the inputs for NaN/Inf and the "
+            "ratio for overflow in the output dtype); nothing was written"
+        )
 
 
 def copy_model_files(base_dir: Path, out_dir: Path) -> None:

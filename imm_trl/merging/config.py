@@ -195,7 +195,13 @@ class MergeConfig:
         default=1.0,
         metadata={"help": "Fraction of delta elements kept by DARE / TIES, in (0, 1]."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the DARE masks (with each tensor's name)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the DARE masks, keyed with each tensor's name; the IMM mergers use "
+            "seed + t at iteration t so each iteration drops different elements."
+        },
+    )
     weights: list[float] | None = field(
         default=None,
         metadata={"help": "One weight per tuned model when merging several; default 1.0 each."},

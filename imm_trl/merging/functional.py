@@ -302,6 +302,7 @@ def new_scratch(count: int, models: int, dtype: torch.dtype, device) -> list[tor
 # Elements merged at a time by elementwise methods: small enough that the temporaries of one
 # chunk stay in cache, large enough that per-call overhead is negligible.
 MERGE_CHUNK = DARE_BLOCK
+INPLACE_CHUNK = 1 << 16
 
 
 def merge_tensors(
@@ -379,14 +380,15 @@ def merge_into_(
 ) -> torch.Tensor:
     """In place: `current <- theta0 + ratio * M(current + update - theta0)`.
 
-    The tuned tensor is `current + update` (for LoRA: G_{t-1} + dW). When `current` is
-    already in `compute_dtype` and the method is elementwise with one model (`linear`,
-    `dare_linear`), the arithmetic runs in place with no temporaries, in the same order as
-    `merge_tensors` (so the result is bit-identical to it); otherwise it falls back to
-    `merge_tensors` and copies the result in.
+    The tuned tensor is `current + update` (for LoRA: G_{t-1} + dW), formed in
+    `compute_dtype`. For the elementwise one-model methods (`linear`, `dare_linear`) the
+    arithmetic runs chunk by chunk through reused work buffers, in the same order as
+    `merge_tensors`, so the result is bit-identical to
+    `merge_tensors(theta0, current + update)` without allocating tensor-sized temporaries;
+    `ties` / `dare_ties` fall back to `merge_tensors`.
 
     Args:
-        current (`torch.Tensor`): The weights to overwrite (G).
+        current (`torch.Tensor`): The weights to overwrite (G), contiguous.
         theta0 (`torch.Tensor`): The original weights, same shape.
         update (`torch.Tensor`, optional): Added to `current` to form the tuned tensor.
         method, ratio, density, seed, name, compute_dtype: As in `merge_tensors`.
@@ -395,16 +397,27 @@ def merge_into_(
         `torch.Tensor`: `current`.
     """
     theta0 = theta0.to(current.device)
-    if current.dtype != compute_dtype or method not in ("linear", "dare_linear"):
+    if method not in ("linear", "dare_linear"):
         tuned = current.to(compute_dtype) if update is None else current.to(compute_dtype) + update.to(compute_dtype)
-        return current.copy_(
-            merge_tensors(theta0.to(current.dtype), tuned, method=method, ratio=ratio, density=density,
-                          seed=seed, name=name, compute_dtype=compute_dtype)
-        )
-    if update is not None:
-        current.add_(update.to(compute_dtype))
-    current.sub_(theta0.to(compute_dtype))
-    if method == "dare_linear" and density < 1.0:
-        current.div_(density)
-        current.masked_fill_(~dare_keep_mask(current.shape, density, seed, name, device=current.device), 0.0)
-    return current.mul_(ratio).add_(theta0.to(compute_dtype))
+        merged = merge_tensors(theta0.to(current.dtype), tuned, method=method, ratio=ratio, density=density,
+                               seed=seed, name=name, compute_dtype=compute_dtype)
+        return current.copy_(merged)
+    flat = current.view(-1)
+    flat_theta0 = theta0.reshape(-1)
+    flat_update = update.reshape(-1) if update is not None else None
+    count = flat.numel()
+    # Small chunks keep the three work buffers in cache; DARE uses whole mask blocks.
+    chunk = min(MERGE_CHUNK if method == "dare_linear" else INPLACE_CHUNK, count)
+    work, base_work, update_work = new_scratch(chunk, 2, compute_dtype, current.device)
+    for begin in range(0, count, chunk):
+        end = min(begin + chunk, count)
+        tuned = work[: end - begin].copy_(flat[begin:end])
+        base = base_work[: end - begin].copy_(flat_theta0[begin:end])
+        if flat_update is not None:
+            tuned.add_(update_work[: end - begin].copy_(flat_update[begin:end]))
+        tuned.sub_(base)
+        if method == "dare_linear" and density < 1.0:
+            keep = dare_keep_mask((end - begin,), density, seed, name, start=begin, device=current.device)
+            tuned.div_(density).masked_fill_(keep.logical_not_(), 0.0)
+        flat[begin:end].copy_(tuned.mul_(ratio).add_(base))
+    return current

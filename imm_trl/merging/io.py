@@ -152,6 +152,23 @@ class CheckpointReader:
             done += got
         return raw.view(info.dtype).reshape(info.shape)
 
+    def read_range_into(self, name: str, start: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Elements start..start+len of tensor `name` (flattened), read into `buffer` (a
+        tensor of the tensor's dtype, reused by the caller); returns `buffer`."""
+        if self._pickled:
+            return buffer.copy_(self._pickled[name].reshape(-1)[start : start + buffer.numel()])
+        info = self._infos[name]
+        view = memoryview(buffer.view(torch.uint8).numpy())
+        offset = info.begin + start * buffer.element_size()
+        done = 0
+        fd = self._fd(info.path)
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"{info.path} is truncated at tensor {name!r}")
+            done += got
+        return buffer
+
     def _fd(self, path: Path) -> int:
         if path not in self._handles:
             self._handles[path] = os.open(path, os.O_RDONLY)
@@ -237,16 +254,24 @@ class ShardedSafetensorsWriter:
         )
         self._current_shard = -1
         self._handle = None
+        self._planned: PlannedTensor | None = None
+        self._remaining = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append tensor `name` (must be the next one planned, same dtype and shape)."""
-        shard_index, planned = next(self._order)
-        if planned.name != name or planned.dtype != tensor.dtype or planned.shape != tuple(tensor.shape):
-            raise RuntimeError(f"writer expected {planned}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        if shard_index != self._current_shard:
-            self._open_shard(shard_index)
-        if tensor.numel():
+        """Append tensor `name`, or the next consecutive piece of it (flattened). Tensors must
+        come in planned order, each complete before the next begins."""
+        if self._remaining == 0:
+            shard_index, self._planned = next(self._order)
+            self._remaining = self._planned.nbytes
+            if shard_index != self._current_shard:
+                self._open_shard(shard_index)
+        planned = self._planned
+        nbytes = tensor.numel() * tensor.element_size()
+        if planned.name != name or planned.dtype != tensor.dtype or nbytes > self._remaining:
+            raise RuntimeError(f"writer expected (part of) {planned}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        if nbytes:
             self._handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._remaining -= nbytes
 
     def _open_shard(self, shard_index: int) -> None:
         self._close_shard()
@@ -264,6 +289,8 @@ class ShardedSafetensorsWriter:
 
     def finish(self) -> None:
         """Close the last shard (opening empty ones never written) and write the index."""
+        if self._remaining or next(self._order, None) is not None:
+            raise RuntimeError("finish() called before every planned tensor was written")
         for shard_index in range(self._current_shard + 1, len(self.shards)):
             self._open_shard(shard_index)
         self._close_shard()
