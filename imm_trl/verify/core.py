@@ -75,9 +75,11 @@ class Verifier:
         if self.check is None:
             return None
         try:
-            self.check("", gold)
+            call_with_time_limit(lambda: self.check("", gold), self.time_limit_s)
         except GoldParseError as error:
             return str(error)
+        except CheckTimeout:
+            return f"reading the gold answer took over {self.time_limit_s}s"
         except Exception:  # the empty completion may upset a scorer; the gold itself is fine
             return None
         return None
