@@ -1,8 +1,11 @@
 """`merge_checkpoints`: merge model directories on disk, one tensor at a time.
 
-Never holds a whole model: each tensor is read from the base and tuned checkpoints, merged,
-checked for NaN/Inf and streamed into the output shard (mergekit's lazy-loader idea). Reading
-the next tensor and writing the previous one overlap with the merge of the current one.
+Never holds a whole model, nor even a whole tensor: each tensor is read from the base and
+tuned checkpoints in fixed-size pieces, merged, checked for NaN/Inf and streamed into the
+output shard (mergekit's lazy-loader idea, one level finer). Elementwise methods give the same
+result piece by piece because DARE masks depend only on each element's index; TIES, whose
+top-k is global, reads whole tensors. Reading the next piece and writing the previous one
+overlap with the merge of the current one.
 The output is built in a hidden sibling directory and renamed into place only when complete,
 so an interrupted merge never leaves a directory that looks like a model.
 """
