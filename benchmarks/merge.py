@@ -361,6 +361,7 @@ def main() -> None:
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--skip-checkpoints", action="store_true")
     parser.add_argument("--workdir", default="/tmp/imm_merge_bench")
+    parser.add_argument("--update", action="store_true", help="keep the parts not re-run from results/merge.json")
     parser.add_argument("--lora-case", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--read-write", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -374,6 +375,10 @@ def main() -> None:
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
         command="python " + " ".join(sys.argv),
     )
+    if args.update and (RESULTS / "merge.json").is_file():
+        # Re-run only some parts, keeping the others from the previous run's file.
+        previous = json.loads((RESULTS / "merge.json").read_text())
+        results = {**previous, "command": f"{previous.get('command')}; then python " + " ".join(sys.argv)}
     if not args.skip_lora:
         results["lora"] = run_lora_benchmarks()
     if not args.skip_checkpoints:

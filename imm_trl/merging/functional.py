@@ -302,7 +302,6 @@ def new_scratch(count: int, models: int, dtype: torch.dtype, device) -> list[tor
 # Elements merged at a time by elementwise methods: small enough that the temporaries of one
 # chunk stay in cache, large enough that per-call overhead is negligible.
 MERGE_CHUNK = DARE_BLOCK
-INPLACE_CHUNK = 1 << 16
 
 
 def merge_tensors(
@@ -382,7 +381,8 @@ def merge_into_(
 
     The tuned tensor is `current + update` (for LoRA: G_{t-1} + dW), formed in
     `compute_dtype`. For the elementwise one-model methods (`linear`, `dare_linear`) the
-    arithmetic runs chunk by chunk through reused work buffers, in the same order as
+    arithmetic runs in place (through reused work buffers, chunk by chunk, when `current` is
+    in a narrower dtype), in the same order as
     `merge_tensors`, so the result is bit-identical to
     `merge_tensors(theta0, current + update)` without allocating tensor-sized temporaries;
     `ties` / `dare_ties` fall back to `merge_tensors`.
@@ -402,12 +402,21 @@ def merge_into_(
         merged = merge_tensors(theta0.to(current.dtype), tuned, method=method, ratio=ratio, density=density,
                                seed=seed, name=name, compute_dtype=compute_dtype)
         return current.copy_(merged)
+    if current.dtype == compute_dtype:
+        # Already in the compute dtype: work on the tensor itself, a few whole-tensor ops.
+        if update is not None:
+            current.add_(update.to(compute_dtype))
+        base = theta0.to(compute_dtype)
+        current.sub_(base)
+        if method == "dare_linear" and density < 1.0:
+            keep = dare_keep_mask(current.shape, density, seed, name, device=current.device)
+            current.div_(density).masked_fill_(keep.logical_not_(), 0.0)
+        return current.mul_(ratio).add_(base)
     flat = current.view(-1)
     flat_theta0 = theta0.reshape(-1)
     flat_update = update.reshape(-1) if update is not None else None
     count = flat.numel()
-    # Small chunks keep the three work buffers in cache; DARE uses whole mask blocks.
-    chunk = min(MERGE_CHUNK if method == "dare_linear" else INPLACE_CHUNK, count)
+    chunk = min(MERGE_CHUNK, count)
     work, base_work, update_work = new_scratch(chunk, 2, compute_dtype, current.device)
     for begin in range(0, count, chunk):
         end = min(begin + chunk, count)
