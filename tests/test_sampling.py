@@ -101,4 +101,5 @@ def test_auto_batch_size_follows_memory(tiny):
     assert 1 <= small < large <= 1024
     assert auto_batch_size(model, 512, memory_bytes=1, max_batch_size=64) == 1
 
+
 # The default-model HF checks live in test_sampling_vllm_default.py, next to vLLM's.
