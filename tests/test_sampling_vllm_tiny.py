@@ -97,25 +97,3 @@ def test_vllm_in_place_update_follows_hf_weights(engine):
     assert after != before
     engine.update_weights(original.state_dict())
     assert engine.generate(PROMPTS, 1, GREEDY) == before
-
-
-def test_vllm_in_place_update_with_a_subset_of_weights(engine):
-    """After a LoRA merge only the targeted matrices change; updating just those is enough."""
-    original, tokenizer = tiny_model(seed=0)
-    other, _ = tiny_model(seed=1)
-    changed = {
-        name: tensor
-        for name, tensor in other.state_dict().items()
-        if name.endswith(("q_proj.weight", "down_proj.weight"))
-    }
-    expected_model, _ = tiny_model(seed=0)
-    expected_model.load_state_dict(changed, strict=False)
-    before = engine.generate(PROMPTS, 1, GREEDY)
-    engine.update_weights(changed)
-    try:
-        after = engine.generate(PROMPTS, 1, GREEDY)
-        assert after == hf_greedy(expected_model, tokenizer)
-        assert after != before
-    finally:
-        engine.update_weights(original.state_dict())
-    assert engine.generate(PROMPTS, 1, GREEDY) == before

@@ -175,7 +175,9 @@ class VLLMSampler:
         """Replace the engine's weights in place with HF-format tensors (e.g. a merged plain
         transformers model's `state_dict()`, names like `model.layers.0.self_attn.q_proj.weight`;
         not a PeftModel's); returns the seconds it took. vLLM's own loader does the renaming and
-        fusing (q/k/v, gate/up), so a subset of the weights may be passed too. The prefix cache is cleared, since cached
+        fusing (q/k/v, gate/up). Pass every weight: vLLM's reload rebuilds each layer from what
+        it is given, and a subset (say, only the LoRA-targeted matrices) was measured to give
+        wrong outputs, not a partial update. The prefix cache is cleared, since cached
         keys and values were computed by the old weights."""
         if not self.config.in_process:
             raise RuntimeError(
