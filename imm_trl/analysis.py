@@ -1,0 +1,684 @@
+"""Layer analysis: which decoder layers did self-improvement change, and do they matter?
+
+The paper's diagnosis (DESIGN.md section 1) is that self-improvement updates concentrate in
+layers that are less critical for reasoning. This module measures both sides, per decoder layer:
+
+- update magnitude: `||theta_l - theta0_l|| / ||theta0_l||` over all of layer l's parameters;
+- importance for a task: how much a task score drops when the layer is skipped (made the
+  identity), or a cheaper gradient attribution (one backward pass per batch of rows);
+
+then their Spearman rank correlation, a JSON report with a PNG plot, and a suggested per-layer
+ratio map for the merger (layer-adaptive IMM: important layers get a lower merge ratio, so they
+stay closer to theta0).
+
+    magnitudes = layer_update_magnitudes("base_dir", "tuned_dir")     # streamed, tensor by tensor
+    importance = layer_importance_by_skipping(model, gold_log_likelihood_score(tok, rows))
+    ratio_map = ratio_map_from_importance(importance, low=0.3, high=0.7, default=0.5)
+    report = analyze("base_dir", "tuned_dir", tokenizer=tok, rows=rows, out_dir="analysis/")
+
+Decoder layers are found by name: a parameter whose name has the segments `layers.{i}.`
+(Llama, Qwen2, Mistral, Gemma: `model.layers.3.mlp.down_proj.weight`) belongs to layer i.
+Every other parameter (embeddings, final norm, lm_head) is reported separately, per name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+LAYER_PREFIX = "layers"
+JSON_NAME = "layer_analysis.json"
+PNG_NAME = "layer_analysis.png"
+
+ScoreFn = Callable[[nn.Module], float]
+TensorSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------------
+# Layer names
+# --------------------------------------------------------------------------------------------
+
+
+def layer_index(name: str, prefix: str = LAYER_PREFIX) -> int | None:
+    """The decoder-layer index of parameter `name` (`...{prefix}.{i}....`), else None."""
+    segments = name.split(".")
+    for position, segment in enumerate(segments[:-1]):
+        if segment == prefix and segments[position + 1].isdigit():
+            return int(segments[position + 1])
+    return None
+
+
+def decoder_layers(model: nn.Module, prefix: str = LAYER_PREFIX) -> nn.ModuleList:
+    """The model's list of decoder layers: the first `nn.ModuleList` whose attribute name is
+    `prefix` (`model.model.layers` for Llama/Qwen2/Mistral, also inside a PEFT wrapper)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == prefix:
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no nn.ModuleList named {prefix!r}; pass the name of its "
+        "decoder-layer list as `prefix` (e.g. 'h' for GPT-2)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Update magnitudes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateMagnitudes:
+    """Relative update `||theta - theta0|| / ||theta0||`, per decoder layer and per other tensor."""
+
+    layers: list[float]  # index l: over all of layer l's parameters, concatenated
+    other: dict[str, float]  # parameters outside the decoder layers, by name
+
+
+@contextmanager
+def _tensor_reader(
+    source: TensorSource,
+) -> Iterator[tuple[list[str], Callable[[str], torch.Tensor]]]:
+    """Names and a read-one-tensor function for a model, a state dict or a model directory.
+
+    Directories are read with `CheckpointReader`, one tensor at a time."""
+    if isinstance(source, (str, os.PathLike)):
+        from imm_trl.merging.io import CheckpointReader
+
+        with CheckpointReader(source) as reader:
+            yield reader.names(), reader.read
+        return
+    state = source.state_dict() if isinstance(source, nn.Module) else source
+    yield list(state), lambda name: state[name]
+
+
+def _squared_norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64) ** 2)
+
+
+def update_magnitudes(
+    base: TensorSource, tuned: TensorSource, *, prefix: str = LAYER_PREFIX
+) -> UpdateMagnitudes:
+    """Relative update magnitudes of `tuned` against `base` (theta0).
+
+    Both may be models, state dicts or model directories (safetensors; read one tensor at a
+    time, so two whole models are never in memory). Only floating-point tensors present in
+    both count: `save_pretrained` drops the `lm_head.weight` of tied-embedding models, so a
+    model and its directory still compare. A decoder-layer tensor present in only one of them,
+    or tensors of different shapes, mean different architectures and raise a ValueError.
+    """
+    squared: dict[int | str, list[float]] = {}  # group -> [||delta||^2, ||theta0||^2]
+    with (
+        _tensor_reader(base) as (base_names, read_base),
+        _tensor_reader(tuned) as (tuned_names, read_tuned),
+    ):
+        tuned_set = set(tuned_names)
+        lonely = [n for n in set(base_names) ^ tuned_set if layer_index(n, prefix) is not None]
+        if lonely:
+            raise ValueError(
+                f"decoder-layer tensors in only one of the two models: {sorted(lonely)[:5]}"
+            )
+        for name in base_names:
+            if name not in tuned_set:
+                continue
+            theta0, theta = read_base(name), read_tuned(name)
+            if theta0.shape != theta.shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(theta0.shape)} in base, {tuple(theta.shape)} in tuned"
+                )
+            if not theta0.is_floating_point():
+                continue
+            group = layer_index(name, prefix)
+            sums = squared.setdefault(name if group is None else group, [0.0, 0.0])
+            sums[0] += _squared_norm(theta.float() - theta0.float())
+            sums[1] += _squared_norm(theta0)
+    layer_ids = sorted(g for g in squared if isinstance(g, int))
+    if layer_ids != list(range(len(layer_ids))):
+        raise ValueError(f"decoder-layer indices are not 0..n-1: {layer_ids}")
+    return UpdateMagnitudes(
+        layers=[_relative(*squared[i]) for i in layer_ids],
+        other={g: _relative(*sums) for g, sums in squared.items() if isinstance(g, str)},
+    )
+
+
+def _relative(delta_squared: float, base_squared: float) -> float:
+    if base_squared == 0.0:
+        return 0.0 if delta_squared == 0.0 else math.inf
+    return math.sqrt(delta_squared / base_squared)
+
+
+def layer_update_magnitudes(
+    base: TensorSource, tuned: TensorSource, *, prefix: str = LAYER_PREFIX
+) -> list[float]:
+    """Per decoder layer l, `||theta_l - theta0_l|| / ||theta0_l||` (Frobenius norm over all of
+    layer l's parameters concatenated). See `update_magnitudes` for inputs and other tensors."""
+    return update_magnitudes(base, tuned, prefix=prefix).layers
+
+
+# --------------------------------------------------------------------------------------------
+# Skipping layers
+# --------------------------------------------------------------------------------------------
+
+
+def _identity_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # transformers >= 5 decoder layers take the hidden states first and return them as a
+    # plain tensor (not a tuple), so the identity is "return the input".
+    return hidden_states
+
+
+@contextmanager
+def skip_layers(
+    model: nn.Module, indices: Sequence[int], *, prefix: str = LAYER_PREFIX
+) -> Iterator[nn.Module]:
+    """Within the block, the chosen decoder layers return their input hidden states unchanged.
+
+    Each layer's `forward` is shadowed by an instance attribute (so module hooks still run and
+    parameters stay in place) and restored on exit, also when the block raises. A forward that
+    was already an instance attribute (accelerate's device hooks) is put back as it was.
+    """
+    layers = decoder_layers(model, prefix)
+    chosen = sorted(set(indices))
+    for index in chosen:
+        if not 0 <= index < len(layers):
+            raise IndexError(
+                f"layer {index} does not exist; the model has {len(layers)} decoder layers"
+            )
+    missing = object()
+    saved = {index: layers[index].__dict__.get("forward", missing) for index in chosen}
+    try:
+        for index in chosen:
+            layers[index].forward = _identity_forward
+        yield model
+    finally:
+        for index, forward in saved.items():
+            if forward is missing:
+                del layers[index].forward
+            else:
+                layers[index].forward = forward
+
+
+# --------------------------------------------------------------------------------------------
+# Task scores (higher is better)
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off inside the block; the model's training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def encode_gold_rows(
+    tokenizer, rows: Sequence[Mapping[str, Any]]
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per row. A string question becomes one user turn; questions and
+    chat messages go through the chat template with the assistant turn opened, as the samplers
+    render them; the answer follows as plain text."""
+    from imm_trl.sampling.base import prompt_token_ids
+
+    encoded = []
+    for number, row in enumerate(rows):
+        if "question" not in row or "answer" not in row:
+            raise ValueError(f"row {number} needs 'question' and 'answer' keys, has {sorted(row)}")
+        question = row["question"]
+        messages = (
+            question if isinstance(question, list) else [{"role": "user", "content": str(question)}]
+        )
+        answer_ids = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"]
+        if not answer_ids:
+            raise ValueError(f"row {number} has an empty answer")
+        encoded.append((prompt_token_ids(messages, tokenizer), answer_ids))
+    return encoded
+
+
+def _gold_batches(
+    encoded: list[tuple[list[int], list[int]]], batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, labels) batches, right-padded so every real token keeps the
+    position it has alone; labels are the answer tokens, -100 elsewhere."""
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, (prompt, answer) in enumerate(chunk):
+            length = len(prompt) + len(answer)
+            input_ids[row, :length] = torch.tensor(prompt + answer)
+            attention_mask[row, :length] = 1
+            labels[row, len(prompt) : length] = torch.tensor(answer)
+        yield input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def _gold_log_likelihood_sum(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Sum over the batch's answer tokens of log p(token | everything before it)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    return -nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def gold_log_likelihood_score(
+    tokenizer, rows: Sequence[Mapping[str, Any]], *, batch_size: int = 8
+) -> ScoreFn:
+    """A score function: mean log-likelihood per gold-answer token given its prompt.
+
+    Teacher forcing over `rows` (`{"question": str or chat messages, "answer": str}`), so it
+    is deterministic and costs one forward pass per batch. Rows are tokenized once, here.
+    """
+    encoded = encode_gold_rows(tokenizer, rows)
+    answer_tokens = sum(len(answer) for _, answer in encoded)
+
+    def score(model: nn.Module) -> float:
+        device = next(model.parameters()).device
+        total = 0.0
+        with _eval_mode(model), torch.no_grad():
+            for batch in _gold_batches(encoded, batch_size, device):
+                total += float(_gold_log_likelihood_sum(model, *batch))
+        return total / answer_tokens
+
+    return score
+
+
+def accuracy_score(accuracy_fn: Callable[[nn.Module], float]) -> ScoreFn:
+    """A score function from the caller's `accuracy_fn(model) -> float` (e.g. greedy accuracy
+    on a task from the evaluation module), checked to return a finite number."""
+
+    def score(model: nn.Module) -> float:
+        value = accuracy_fn(model)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"accuracy_fn must return a finite number, returned {value!r}")
+        return float(value)
+
+    return score
+
+
+# --------------------------------------------------------------------------------------------
+# Layer importance
+# --------------------------------------------------------------------------------------------
+
+
+def layer_importance_by_skipping(
+    model: nn.Module, score_fn: ScoreFn, *, prefix: str = LAYER_PREFIX
+) -> list[float]:
+    """importance_l = score(full model) - score(model with layer l skipped), per layer.
+
+    `score_fn(model) -> float` is any task score, higher is better: `gold_log_likelihood_score`
+    (cheap, deterministic) or `accuracy_score(accuracy_fn)`. Costs L + 1 calls of `score_fn`.
+    A negative importance means the task does better without the layer.
+    """
+    full = score_fn(model)
+    importance = []
+    for index in range(len(decoder_layers(model, prefix))):
+        with skip_layers(model, [index], prefix=prefix):
+            importance.append(full - score_fn(model))
+    return importance
+
+
+@contextmanager
+def _requiring_grad(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Parameters require gradients inside the block (frozen ones too); flags restored after."""
+    flags = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(parameters, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def layer_importance_by_gradient(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 8,
+    prefix: str = LAYER_PREFIX,
+) -> list[float]:
+    """Gradient attribution: importance_l = sum over layer l's parameters of |theta * dL/dtheta|.
+
+    L is the mean negative log-likelihood per gold-answer token (the negative of
+    `gold_log_likelihood_score`), so each term is the first-order Taylor estimate of how much
+    the score drops when that parameter alone is set to zero (Molchanov et al.'s Taylor
+    importance); the absolute values keep terms of opposite sign from cancelling. The sum is
+    therefore much larger than the skipping importance and not in its units: compare the two
+    by rank. One forward and backward pass per batch of rows, instead of L + 1 scoring passes
+    for skipping. Frozen parameters count too; the model's `.grad` is left untouched.
+    """
+    layers = decoder_layers(model, prefix)
+    per_layer = [list(layer.parameters()) for layer in layers]
+    flat = [p for params in per_layer for p in params]
+    encoded = encode_gold_rows(tokenizer, rows)
+    answer_tokens = sum(len(answer) for _, answer in encoded)
+    device = next(model.parameters()).device
+    gradients = [torch.zeros_like(p, dtype=torch.float32) for p in flat]
+    with _eval_mode(model), _requiring_grad(flat):
+        for batch in _gold_batches(encoded, batch_size, device):
+            loss = -_gold_log_likelihood_sum(model, *batch) / answer_tokens
+            for total, grad in zip(
+                gradients, torch.autograd.grad(loss, flat, allow_unused=True), strict=True
+            ):
+                if grad is not None:
+                    total += grad.float()
+    importance, position = [], 0
+    for params in per_layer:
+        terms = zip(params, gradients[position : position + len(params)], strict=True)
+        importance.append(sum(float((p.detach().float() * g).abs().sum()) for p, g in terms))
+        position += len(params)
+    return importance
+
+
+# --------------------------------------------------------------------------------------------
+# From measurements to a merge ratio map
+# --------------------------------------------------------------------------------------------
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Spearman's rho of `a` and `b` and its two-sided p-value (scipy; ties get average ranks).
+    NaN for both when either sequence is constant (the correlation is undefined)."""
+    from scipy.stats import spearmanr
+
+    if len(a) != len(b):
+        raise ValueError(f"rank correlation needs equal lengths, got {len(a)} and {len(b)}")
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return math.nan, math.nan
+    result = spearmanr(a, b)
+    return float(result.statistic), float(result.pvalue)
+
+
+def ratio_map_from_importance(
+    importance: Sequence[float],
+    *,
+    low: float = 0.3,
+    high: float = 0.7,
+    default: float = 0.5,
+    prefix: str = LAYER_PREFIX,
+) -> dict[str, float]:
+    """A per-layer merge ratio map (`{"layers.0": 0.7, ..., "default": 0.5}`) for `MergeConfig`.
+
+    More important layers get a LOWER ratio: the merge `theta0 + ratio * delta` keeps them
+    closer to theta0, whose reasoning-critical layers the paper finds self-improvement should
+    not move far. The ratio is linear in the importance rank: the least important layer gets
+    `high`, the most important `low`, evenly spaced between (ties share their average rank, so
+    equal importances get equal ratios; a single layer gets the midpoint). `default` covers
+    everything outside the decoder layers (embeddings, final norm, lm_head). Ratios are rounded
+    to 4 decimals so the map reads well in a recipe.
+    """
+    from scipy.stats import rankdata
+
+    if not importance:
+        return {"default": default}
+    if any(not math.isfinite(v) for v in importance):
+        raise ValueError(f"importance values must be finite, got {list(importance)}")
+    ranks = rankdata(importance)  # 1 = least important
+    span = len(importance) - 1
+    ratio_map = {}
+    for index, rank in enumerate(ranks):
+        fraction = (rank - 1) / span if span else 0.5  # 0 least important .. 1 most
+        ratio_map[f"{prefix}.{index}"] = round(high - (high - low) * float(fraction), 4)
+    ratio_map["default"] = default
+    return ratio_map
+
+
+# --------------------------------------------------------------------------------------------
+# The report: JSON and PNG
+# --------------------------------------------------------------------------------------------
+
+
+def _load_model(source: TensorSource) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity; write null instead."""
+    return value if math.isfinite(value) else None
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(temporary path)` next to `path`, then rename it into place."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def plot_layer_analysis(report: Mapping[str, Any], path: Path) -> None:
+    """Two panels over the decoder layers: update magnitude (top) and importance (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    layers = range(len(report["update_magnitude"]))
+    figure, (top, bottom) = plt.subplots(
+        2, 1, sharex=True, figsize=(max(6.0, 0.3 * len(layers)), 6)
+    )
+    top.bar(layers, report["update_magnitude"], color="tab:blue")
+    top.set_ylabel("||θ_l − θ0_l|| / ||θ0_l||")
+    top.set_title(
+        f"update magnitude vs importance ({report['importance_method']}): "
+        f"Spearman ρ = {_format(report['spearman_rho'])}, p = {_format(report['spearman_p'])}"
+    )
+    bottom.bar(layers, report["importance"], color="tab:orange")
+    bottom.axhline(0.0, color="black", linewidth=0.5)
+    bottom.set_ylabel("importance")
+    bottom.set_xlabel("decoder layer")
+    figure.tight_layout()
+    try:
+        figure.savefig(path, format="png", dpi=100)
+    finally:
+        plt.close(figure)
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def analyze(
+    base: TensorSource,
+    tuned: TensorSource,
+    *,
+    tokenizer,
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    score: str | Callable[[nn.Module], float] = "loglik",
+    importance_of: str = "base",
+    low: float = 0.3,
+    high: float = 0.7,
+    default: float = 0.5,
+    batch_size: int = 8,
+    prefix: str = LAYER_PREFIX,
+) -> dict[str, Any]:
+    """Measure, correlate and suggest: writes `layer_analysis.json` and `layer_analysis.png`.
+
+    Args:
+        base, tuned: theta0 and the tuned model: models, state dicts (magnitudes only) or
+            model directories (magnitudes are streamed; the model whose importance is
+            measured is loaded in float32).
+        tokenizer: The models' tokenizer (for the log-likelihood and gradient scores).
+        rows: `{"question": str or chat messages, "answer": str}` task rows.
+        out_dir: Where the two files go (created if missing; each written atomically).
+        score: How importance is measured: "loglik" (skipping, mean gold log-likelihood),
+            "gradient" (gradient attribution), or a callable `accuracy_fn(model) -> float`
+            (skipping, that score).
+        importance_of: "base" (default: theta0's layers, the ones the merge pulls back
+            towards) or "tuned".
+        low, high, default: The suggested ratio map's range and default, as in
+            `ratio_map_from_importance`.
+        batch_size: Rows per forward pass.
+        prefix: The name segment before decoder-layer indices.
+
+    Returns:
+        The report written to JSON.
+    """
+    if importance_of not in ("base", "tuned"):
+        raise ValueError(f"importance_of must be 'base' or 'tuned', got {importance_of!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    magnitudes = update_magnitudes(base, tuned, prefix=prefix)
+    model = _load_model(base if importance_of == "base" else tuned)
+    started = time.perf_counter()
+    if score == "gradient":
+        method = "gradient"
+        importance = layer_importance_by_gradient(
+            model, tokenizer, rows, batch_size=batch_size, prefix=prefix
+        )
+    elif score == "loglik":
+        method = "skip-loglik"
+        score_fn = gold_log_likelihood_score(tokenizer, rows, batch_size=batch_size)
+        importance = layer_importance_by_skipping(model, score_fn, prefix=prefix)
+    elif callable(score):
+        method = "skip-accuracy"
+        importance = layer_importance_by_skipping(model, accuracy_score(score), prefix=prefix)
+    else:
+        raise ValueError(f"score must be 'loglik', 'gradient' or a callable, got {score!r}")
+    seconds = time.perf_counter() - started
+    if len(importance) != len(magnitudes.layers):
+        raise ValueError(
+            f"the importance model has {len(importance)} decoder layers, the checkpoints {len(magnitudes.layers)}"
+        )
+    rho, p_value = rank_correlation(magnitudes.layers, importance)
+    report = {
+        "num_layers": len(importance),
+        "update_magnitude": magnitudes.layers,
+        "other_update_magnitude": {k: _finite_or_none(v) for k, v in magnitudes.other.items()},
+        "importance": importance,
+        "importance_method": method,
+        "importance_of": importance_of,
+        "importance_seconds": seconds,
+        "rows": len(rows),
+        "spearman_rho": _finite_or_none(rho),
+        "spearman_p": _finite_or_none(p_value),
+        "suggested_ratio_map": ratio_map_from_importance(
+            importance, low=low, high=high, default=default, prefix=prefix
+        ),
+    }
+    _write_atomically(
+        out / JSON_NAME, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")
+    )
+    _write_atomically(out / PNG_NAME, lambda tmp: plot_layer_analysis(report, tmp))
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `imm-trl analyze`
+# --------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | os.PathLike, max_rows: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, each with `question` and `answer`; blank lines skipped."""
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+                raise ValueError(
+                    f"{path}:{number}: each line must be a JSON object with 'question' and 'answer'"
+                )
+            rows.append(row)
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def _analyze_command(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    report = analyze(
+        args.base,
+        args.tuned,
+        tokenizer=tokenizer,
+        rows=read_rows(args.data, args.max_rows),
+        out_dir=args.out,
+        score=args.score,
+        importance_of=args.importance_of,
+        low=args.low,
+        high=args.high,
+        default=args.default,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"{Path(args.out) / JSON_NAME}: {report['num_layers']} layers, "
+        f"Spearman rho {_format(report['spearman_rho'])} (p {_format(report['spearman_p'])})"
+    )
+    return 0
+
+
+def add_analyze_parser(commands) -> None:
+    """Register `imm-trl analyze` on an argparse subparsers object."""
+    analyze_parser = commands.add_parser(
+        "analyze",
+        help="per decoder layer: update magnitude of TUNED vs BASE, importance for a task, "
+        "their rank correlation and a suggested per-layer ratio map (JSON + PNG)",
+    )
+    analyze_parser.add_argument("base", help="original model directory (theta0, safetensors)")
+    analyze_parser.add_argument("tuned", help="tuned model directory (safetensors)")
+    analyze_parser.add_argument(
+        "--data", required=True, help="JSONL task rows with 'question' and 'answer'"
+    )
+    analyze_parser.add_argument(
+        "--out", required=True, help=f"output directory for {JSON_NAME} and {PNG_NAME}"
+    )
+    analyze_parser.add_argument(
+        "--score",
+        choices=["loglik", "gradient"],
+        default="loglik",
+        help="importance: drop in gold log-likelihood when a layer is skipped (loglik), or "
+        "gradient attribution |theta * dL/dtheta| (gradient, cheaper)",
+    )
+    analyze_parser.add_argument("--max-rows", type=int, help="use only the first N rows")
+    analyze_parser.add_argument(
+        "--importance-of",
+        choices=["base", "tuned"],
+        default="base",
+        help="whose layers' importance is measured",
+    )
+    analyze_parser.add_argument(
+        "--low", type=float, default=0.3, help="ratio of the most important layer"
+    )
+    analyze_parser.add_argument(
+        "--high", type=float, default=0.7, help="ratio of the least important layer"
+    )
+    analyze_parser.add_argument(
+        "--default", type=float, default=0.5, help="ratio outside the decoder layers"
+    )
+    analyze_parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    analyze_parser.set_defaults(func=_analyze_command)
