@@ -5,8 +5,14 @@
 
 Each iteration t: sample k answers per question with the merged model G_{t-1}, keep the
 verified ones (D_t), train on D_t (fresh adapter, optimizer and LR schedule, by default),
-merge with theta0 at the ratio (G_t = theta0 + alpha * M(theta_t^SFT - theta0)), log, and
-write a checkpoint from which `resume=True` continues.
+merge with theta0 at the ratio (G_t = theta0 + alpha * M(theta_t^SFT - theta0)), hand G_t to
+the sampler (a vLLM engine reloads its weights in place), score the eval sets, log, and write
+a checkpoint from which `resume=True` continues.
+
+Under `accelerate launch` every process runs the same loop: each samples its share of the
+questions (`imm_trl.distributed.ShardedSampler`), all build the same D_t, the trainer splits it
+for training as usual, the merge gives the same weights everywhere, and only the main process
+writes files.
 
 Why the callback takes over `trainer.train`: HF's Trainer builds its dataloader and step
 budget before the first callback event fires, so a callback alone cannot train on data that
@@ -21,6 +27,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +65,54 @@ def state_parameter_names(model) -> list[str]:
     ]
 
 
+def merged_state_dict(model, masters: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights the model computes with, named as in a plain transformers checkpoint: what a
+    sampler with its own copy of the model (vLLM) must load after a merge.
+
+    For a PEFT model this is the base model (the adapter was reset after the merge, so B = 0
+    and it adds nothing) without the LoRA factors, `modules_to_save` by their trained copy, and
+    each bitsandbytes-quantized weight by its master copy from `masters` (else dequantized).
+    """
+    from imm_trl.merging.lora import dequantize, is_quantized
+
+    if not is_peft_model(model):
+        return {name: param.detach() for name, param in model.named_parameters()}
+    masters = masters or {}
+    modules = dict(model.get_base_model().named_modules())
+    weights = {}
+    for name, param in model.get_base_model().named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        hf_name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        if hf_name in masters:
+            weights[hf_name] = masters[hf_name]
+        elif is_quantized(param):
+            weights[hf_name] = dequantize(modules[name.rsplit(".", 1)[0]])
+        else:
+            weights[hf_name] = param.detach()
+    return weights
+
+
+def write_sampler_model(directory: Path, model, tokenizer) -> Path:
+    """A plain transformers model directory holding the model's current weights, from which
+    a separate engine (vLLM) can start; written atomically."""
+    config = model.get_base_model().config if is_peft_model(model) else model.config
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)  # the engine gets dense (dequantized) weights
+    staging = Path(tempfile.mkdtemp(prefix=".sampler-model.", dir=directory.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2))
+        weights = merged_state_dict(model)
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / "model.safetensors")
+        tokenizer.save_pretrained(staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
 def write_checkpoint(directory: Path, iteration: int, weights: dict[str, torch.Tensor], state: dict) -> None:
     """Write `iteration-<t>/` atomically: a temporary directory renamed into place."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,13 +140,21 @@ def write_json_atomically(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def timed(timings: dict[str, float], key: str):
+    start = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
 class IMMCallback(TrainerCallback):
     """Drop-in IMM for a TRL `SFTTrainer` (LoRA via `peft_config`, QLoRA, or full fine-tuning).
 
     Args:
         trainer: The `SFTTrainer`, built as usual; its `train_dataset` is replaced by D_t.
         config: The `IMMConfig`.
-        sampler: Any `Sampler`; default an HF `generate` sampler over the trainer's model.
+        sampler: Any `Sampler`; default the backend `config.sampler` names, over the trainer's
+            model (HF `generate`) or over a vLLM engine started from the model's weights.
     """
 
     def __init__(self, trainer, config: IMMConfig, sampler=None):
@@ -107,13 +171,25 @@ class IMMCallback(TrainerCallback):
         else:
             self.merger = FullWeightMerger(model, config.merge_config)
         self.sampler = sampler or self._default_sampler()
+        if trainer.accelerator.num_processes > 1:
+            from imm_trl.distributed import ShardedSampler
+
+            self.sampler = ShardedSampler(self.sampler, trainer.accelerator)
         self._train_one_iteration = trainer.train
         trainer.train = self.train
 
     def _default_sampler(self):
-        from imm_trl.sampling import HFSampler
+        tokenizer = self.trainer.processing_class
+        if self.config.sampler == "vllm":
+            from imm_trl.sampling import VLLMSampler, VLLMSamplerConfig
 
-        return HFSampler(self.trainer.model, self.trainer.processing_class)
+            model_dir = self.output_dir / f"sampler-model-rank{self.trainer.accelerator.process_index}"
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_sampler_model(model_dir, self.trainer.model, tokenizer)
+            return VLLMSampler(model_dir, tokenizer, VLLMSamplerConfig(**self.config.sampler_kwargs))
+        from imm_trl.sampling import HFSampler, HFSamplerConfig
+
+        return HFSampler(self.trainer.model, tokenizer, HFSamplerConfig(**self.config.sampler_kwargs))
 
     # -- callback events -------------------------------------------------------------------
 
@@ -126,42 +202,68 @@ class IMMCallback(TrainerCallback):
     def train(self, *args, **kwargs):
         """Run all remaining IMM iterations; returns the last iteration's `TrainOutput`."""
         output = None
-        for iteration in range(self._first_iteration(), self.config.iterations + 1):
+        first = self._first_iteration()
+        if first > 1:
+            self.refresh_sampler()  # a separate engine must see the restored weights
+        if first == 1 and self.config.eval_sets and self.config.eval_at_start:
+            self.record({"iteration": 0, **self.evaluate()})
+        for iteration in range(first, self.config.iterations + 1):
             output = self.run_iteration(iteration)
         return output
 
     def run_iteration(self, iteration: int):
         trainer, config = self.trainer, self.config
-        dataset, sampling_stats = self.build_dataset(iteration)
+        timings: dict[str, float] = {}
+        with timed(timings, "sampling"):
+            dataset, sampling_stats = self.build_dataset(iteration)
         if len(dataset) == 0:
             raise RuntimeError(
                 f"iteration {iteration}: no verified-correct completion among "
                 f"{config.samples_per_question} samples per question; raise samples_per_question, "
                 "use an easier task, or mix in gold solutions with real_data_ratio > 0"
             )
-        trainer.train_dataset = trainer._prepare_dataset(
-            dataset, trainer.processing_class, trainer.args, trainer.args.packing, None, "train"
-        )
-        if config.epochs_per_iteration is not None:
-            trainer.args.num_train_epochs = config.epochs_per_iteration
-        if config.reset_optimizer:
-            trainer.optimizer, trainer.lr_scheduler = None, None
-        self._train_losses = []
-        output = self._train_one_iteration()
-        if is_peft_model(trainer.model):
-            self.merger.merge(trainer.model, iteration=iteration, reset=config.reset_adapter)
-        else:
-            self.merger.merge(trainer.model, iteration=iteration)
+        with timed(timings, "train"):
+            trainer.train_dataset = trainer._prepare_dataset(
+                dataset, trainer.processing_class, trainer.args, trainer.args.packing, None, "train"
+            )
+            if config.epochs_per_iteration is not None:
+                trainer.args.num_train_epochs = config.epochs_per_iteration
+            if config.reset_optimizer:
+                trainer.optimizer, trainer.lr_scheduler = None, None
+            self._train_losses = []
+            output = self._train_one_iteration()
+        with timed(timings, "merge"):
+            if is_peft_model(trainer.model):
+                self.merger.merge(trainer.model, iteration=iteration, reset=config.reset_adapter)
+            else:
+                self.merger.merge(trainer.model, iteration=iteration)
+        with timed(timings, "sampler_refresh"):
+            self.refresh_sampler()
+        with timed(timings, "eval"):
+            eval_metrics = self.evaluate() if config.eval_sets else {}
         metrics = {
             "iteration": iteration,
             "train_loss": sum(self._train_losses) / max(len(self._train_losses), 1),
             **{f"sampling/{k}": v for k, v in sampling_stats.items()},
+            **eval_metrics,
         }
-        self.history.append(metrics)
-        trainer.log({f"imm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        if trainer.is_world_process_zero():
-            self._save(iteration)
+        with timed(timings, "checkpoint"):
+            if trainer.is_world_process_zero():
+                self._save(iteration, [*self.history, metrics])
+            trainer.accelerator.wait_for_everyone()
+        metrics.update({f"seconds/{k}": v for k, v in timings.items()})
+        metrics["seconds/iteration"] = sum(timings.values())
+        self.record(metrics)
         return output
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        """Keep one iteration's metrics: in `history`, in the JSON metrics file, and through the
+        trainer's loggers (`report_to`) as imm/*."""
+        self.history.append(metrics)
+        if self.trainer.is_world_process_zero():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(self.output_dir / METRICS_FILE, self.history)
+        self.trainer.log({f"imm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def build_dataset(self, iteration: int):
         """D_t: sample with the current merged model, keep verified-correct answers."""
@@ -172,6 +274,26 @@ class IMMCallback(TrainerCallback):
         )
         self.last_dataset = result.dataset
         return result.dataset, result.stats.as_dict()
+
+    def refresh_sampler(self) -> None:
+        """Give a sampler with its own copy of the weights (vLLM) the merged model G_t; an HF
+        sampler generates with the trainer's model itself and needs nothing."""
+        if hasattr(self.sampler, "update_weights"):
+            masters = {t.name: t.master for t in getattr(self.merger, "targets", {}).values() if t.quantized}
+            self.sampler.update_weights(merged_state_dict(self.trainer.model, masters))
+
+    def evaluate(self) -> dict[str, float]:
+        """Score every eval set with the current (merged) model: eval/<set>/<metric>."""
+        from imm_trl.eval import evaluate_question_set
+
+        config, metrics = self.config, {}
+        for name, question_set in config.eval_sets.items():
+            scores = evaluate_question_set(
+                self.sampler, question_set, samples=config.eval_samples,
+                temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=config.seed,
+            )
+            metrics.update({f"eval/{name}/{k}": v for k, v in scores.items()})
+        return metrics
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -203,11 +325,9 @@ class IMMCallback(TrainerCallback):
             else:
                 params[name].copy_(tensor)
 
-    def _save(self, iteration: int) -> None:
-        weights = self._checkpoint_tensors()
-        state = {"iteration": iteration, "history": self.history}
-        write_checkpoint(self.output_dir, iteration, weights, state)
-        write_json_atomically(self.output_dir / METRICS_FILE, self.history)
+    def _save(self, iteration: int, history: list[dict[str, Any]]) -> None:
+        state = {"iteration": iteration, "history": history}
+        write_checkpoint(self.output_dir, iteration, self._checkpoint_tensors(), state)
 
     def _first_iteration(self) -> int:
         if not self.config.resume:

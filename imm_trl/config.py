@@ -70,6 +70,10 @@ class IMMConfig:
         metadata={"help": "Share of D_t made of gold (real) solutions, in [0, 1)."},
     )
     sampler: str = field(default="hf", metadata={"help": "Sampling backend: hf or vllm."})
+    sampler_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Fields of HFSamplerConfig or VLLMSamplerConfig for the chosen backend."},
+    )
     questions: Any = field(
         default=None,
         metadata={"help": "In-domain training questions: a Dataset or list of rows."},
@@ -83,7 +87,20 @@ class IMMConfig:
     )
     eval_sets: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "Named evaluation sets (e.g. {'id': ..., 'ood': ...}) scored after each merge."},
+        metadata={
+            "help": "Named `imm_trl.tasks.QuestionSet`s (e.g. {'id': ..., 'ood': ...}) scored "
+            "with the sampler after each merge."
+        },
+    )
+    eval_samples: int = field(
+        default=1,
+        metadata={
+            "help": "Samples per eval question: 1 scores greedy accuracy only; k > 1 also draws k "
+            "samples at `temperature` for pass@k and the diversity metrics."
+        },
+    )
+    eval_at_start: bool = field(
+        default=True, metadata={"help": "Also score the eval sets on theta0, before iteration 1."}
     )
     reset_adapter: bool = field(
         default=True, metadata={"help": "Start each iteration with a freshly initialised LoRA adapter."}
@@ -108,6 +125,8 @@ class IMMConfig:
             raise ValueError(f"samples_per_question must be >= 1, got {self.samples_per_question}")
         if not 0.0 <= self.real_data_ratio < 1.0:
             raise ValueError(f"real_data_ratio must be in [0, 1), got {self.real_data_ratio}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
         if self.sampler not in ("hf", "vllm"):
             raise ValueError(f"sampler must be 'hf' or 'vllm', got {self.sampler!r}")
         if isinstance(self.merge_ratio, list) and len(self.merge_ratio) != self.iterations:
