@@ -14,6 +14,7 @@ from imm_trl.verify import (
     call_with_time_limit,
     get_verifier,
     predicted_number,
+    reasoning_gym_answer,
 )
 
 GSM8K_SAMPLE = Path(__file__).parent / "fixtures" / "gsm8k" / "test_sample.jsonl"
@@ -221,3 +222,40 @@ def test_predicted_number_order_of_markers():
     assert predicted_number("\\boxed{3} and later 5") == 3
     assert predicted_number("x = 4, y = 9") == 9
     assert predicted_number("nothing") is None
+
+
+@pytest.mark.parametrize(
+    "completion,answer",
+    [
+        ("Answer: 12", "12"),
+        ("3 + 9 = 12.\nAnswer: 12.", "12"),
+        ("The answer is: Yes", "Yes"),
+        ("answer: no\nAnswer: Yes", "Yes"),  # the last marker wins
+        ("<answer>7</answer> Answer: 8", "7"),  # reasoning-gym's own tags come first
+        ("just 5", "just 5"),  # no marker: the last line
+    ],
+)
+def test_reasoning_gym_answer_reads_answer_lines(completion, answer):
+    assert reasoning_gym_answer(completion) == answer
+
+
+def test_reasoning_gym_gold_as_json_and_several_families():
+    import reasoning_gym
+
+    gcd_entry = reasoning_gym.create_dataset("gcd", size=1, seed=1)[0]
+    sum_entry = reasoning_gym.create_dataset("chain_sum", size=1, seed=1)[0]
+    as_json = [
+        json.dumps({"answer": e["answer"], "metadata": e["metadata"]})
+        for e in (gcd_entry, sum_entry)
+    ]
+    both = get_verifier("reasoning_gym:gcd,chain_sum")
+    for entry, gold in zip((gcd_entry, sum_entry), as_json, strict=True):
+        assert both.verify(f"Answer: {entry['answer']}", gold) is Verdict.CORRECT
+        assert both.verify(f"Answer: {entry['answer']}1", gold) is Verdict.WRONG
+    assert (
+        get_verifier("reasoning_gym:gcd")
+        .verify(f"Answer: {gcd_entry['answer']}", as_json[0])
+        .is_correct
+    )
+    products_entry = reasoning_gym.create_dataset("products", size=1, seed=1)[0]
+    assert both.verify("Answer: 1", products_entry) is Verdict.BAD_GOLD  # a family not listed

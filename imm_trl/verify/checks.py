@@ -6,6 +6,7 @@ with the data, not a wrong completion, and callers report it instead of labellin
 
 from __future__ import annotations
 
+import json
 import re
 from functools import cache
 from typing import Any
@@ -85,34 +86,69 @@ def reasoning_gym_scorer(task: str):
     return reasoning_gym.create_dataset(task, size=1, seed=0).score_answer
 
 
+# "answer is 7", "answer is: 7", "Answer: 7" (the few-shot format of `imm_trl.tasks`).
+_ANSWER_MARKER_RE = re.compile(r"answer\s*(?:is\b\s*:?|:)\s*(.+)", re.IGNORECASE)
+
+
 def reasoning_gym_answer(completion: str) -> str:
     """The answer part of a completion: `<answer>...</answer>` (reasoning-gym's own format),
-    else a final `\\boxed{}`, else the text after "The answer is", else the last line."""
+    else a final `\\boxed{}`, else the text after the last "The answer is" / "Answer:" on its
+    line, else the last line."""
     tagged = re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)
     if tagged:
         return tagged[-1].strip()
     boxed = last_boxed(completion)
     if boxed is not None:
         return boxed.strip()
-    answer_is = re.findall(r"answer\s*is\s*:?\s*(.+)", completion, re.IGNORECASE)
-    if answer_is:
-        return answer_is[-1].strip().rstrip(".")
+    marked = _ANSWER_MARKER_RE.findall(completion)
+    if marked:
+        return marked[-1].strip().rstrip(".")
     lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
+def reasoning_gym_entry(gold: Any) -> dict:
+    """A reasoning-gym gold as the entry its scorer takes: `{"answer": ..., "metadata": ...}`.
+
+    Accepts the entry itself, the entry as a JSON string (how `imm_trl.tasks` stores it, since
+    metadata schemas differ between families and Arrow wants one schema per column), or a bare
+    answer string."""
+    if isinstance(gold, str) and gold.lstrip().startswith("{"):
+        try:
+            decoded = json.loads(gold)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, dict) and "answer" in decoded and "metadata" in decoded:
+            gold = decoded
+    entry = gold if isinstance(gold, dict) else {"answer": gold, "metadata": {}}
+    if entry.get("answer") in (None, ""):
+        raise GoldParseError(f"reasoning-gym entry without an answer: {str(gold)[:80]!r}")
+    return entry
+
+
 def make_reasoning_gym_check(task: str, threshold: float = 1.0):
-    """A check for one reasoning-gym task family, scored by the task's own `score_answer`.
+    """A check for reasoning-gym task families, scored by each task's own `score_answer`.
 
     The gold is the dataset entry (a dict with `answer` and `metadata`, as reasoning-gym makes
-    them) or a bare answer string. A scorer exception propagates; the caller counts it wrong.
+    them, or that dict as a JSON string) or a bare answer string. `task` may list several
+    families separated by commas ("gcd,chain_sum"): one verifier then serves a set mixing them,
+    each gold picking its scorer through `metadata["source_dataset"]`. Scorers are built here,
+    outside any per-check time limit. A scorer exception propagates; the caller counts it wrong.
     """
-    scorer = reasoning_gym_scorer(task)
+    families = [name.strip() for name in task.split(",") if name.strip()]
+    if not families:
+        raise ValueError("no reasoning-gym task given")
+    scorers = {family: reasoning_gym_scorer(family) for family in families}
 
     def check(completion: str, gold: Any) -> bool:
-        entry = gold if isinstance(gold, dict) else {"answer": gold, "metadata": {}}
-        if entry.get("answer") in (None, ""):
-            raise GoldParseError(f"reasoning-gym entry without an answer: {str(gold)[:80]!r}")
-        return scorer(reasoning_gym_answer(completion), entry) >= threshold
+        entry = reasoning_gym_entry(gold)
+        family = families[0]
+        if len(families) > 1:
+            family = entry["metadata"].get("source_dataset")
+            if family not in scorers:
+                raise GoldParseError(
+                    f"gold of family {family!r}, not one of {families}: {str(gold)[:80]!r}"
+                )
+        return scorers[family](reasoning_gym_answer(completion), entry) >= threshold
 
     return check
