@@ -1,0 +1,1 @@
+"""Local `evaluate` module; see the script of the same name."""
