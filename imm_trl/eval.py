@@ -290,7 +290,7 @@ def question_sets_from_args(args: argparse.Namespace) -> dict[str, QuestionSet]:
         return {questions.name: questions}
     from imm_trl.tasks import load_suite
 
-    suite = load_suite(args.suite, seed=args.seed, n_eval=args.limit or 100)
+    suite = load_suite(args.suite, seed=args.seed, n_train=0, n_eval=args.limit or 100)
     names = args.sets or list(suite.eval_sets)
     unknown = set(names) - set(suite.eval_sets)
     if unknown:

@@ -76,6 +76,29 @@ def test_suite_is_deterministic_by_seed(name, small_suites):
     ]
 
 
+def test_eval_sets_do_not_depend_on_n_train(small_suites):
+    bigger = load_suite("default", seed=0, n_train=60, n_eval=20)
+    first = small_suites["default"]
+    assert {k: v.rows for k, v in bigger.eval_sets.items()} == {
+        k: v.rows for k, v in first.eval_sets.items()
+    }
+    # More training questions extend each family's list; they never replace earlier ones.
+    for family in first.train.families():
+        small = [r for r in first.train.rows if r["family"] == family]
+        large = [r for r in bigger.train.rows if r["family"] == family]
+        assert large[: len(small)] == small
+
+
+def test_a_family_alone_draws_the_questions_a_suite_evaluates_first():
+    spec = SUITE_SPECS["default"].ood_families[0]
+    alone = family_question_set(spec, 10, seed=0)
+    suite = load_suite(
+        "default", seed=0, n_train=0, n_eval=10 * len(SUITE_SPECS["default"].ood_families)
+    )
+    in_suite = [r for r in suite.eval_sets["ood"].rows if r["family"] == spec.task]
+    assert [r["question"] for r in in_suite] == [r["question"] for r in alone.rows]
+
+
 @pytest.mark.parametrize("name", sorted(SUITE_SPECS))
 def test_suite_sets_share_no_question(name, small_suites):
     suite = small_suites[name]

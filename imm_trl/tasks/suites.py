@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from imm_trl.tasks.base import TaskSuite
+from imm_trl.tasks.base import TaskSuite, get_template
 from imm_trl.tasks.gym import FamilySpec, mixed_splits, question_set
 
 
@@ -54,24 +54,24 @@ def load_suite(name: str, *, seed: int = 0, n_train: int = 200, n_eval: int = 10
     """A named suite: `n_train` ID training questions, and `n_eval` questions in each eval set
     ('id': held-out questions of the training families, 'ood': the other families), spread
     evenly over each set's families and interleaved. Same name and seed, same questions; no
-    question appears in two sets.
+    question appears in two sets; the eval sets do not change with `n_train`.
     """
     if name not in SUITE_SPECS:
         raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITE_SPECS)}")
     spec = SUITE_SPECS[name]
-    from imm_trl.tasks.base import get_template
-
     shots = get_template(spec.template).shots
     seen: set[str] = set()
+    # Each family's pool is split in order: few-shot examples, eval questions, training
+    # questions. Eval sets therefore depend only on (seed, n_eval), never on n_train.
     id_draws = mixed_splits(
-        spec.id_families, [n_train, n_eval], shots=shots, seed=seed, exclude=seen
+        spec.id_families, [n_eval, n_train], shots=shots, seed=seed, exclude=seen
     )
     ood_draws = mixed_splits(spec.ood_families, [n_eval], shots=shots, seed=seed, exclude=seen)
     return TaskSuite(
         name=name,
-        train=question_set(f"{name}/train", id_draws, 0, spec.template),
+        train=question_set(f"{name}/train", id_draws, 1, spec.template),
         eval_sets={
-            "id": question_set(f"{name}/id", id_draws, 1, spec.template),
+            "id": question_set(f"{name}/id", id_draws, 0, spec.template),
             "ood": question_set(f"{name}/ood", ood_draws, 0, spec.template),
         },
         description=spec.description,
