@@ -65,6 +65,29 @@ def state_parameter_names(model) -> list[str]:
     ]
 
 
+def unpack_cpu_4bit_weights(model) -> int:
+    """Undo bitsandbytes' CPU inference packing of 4-bit weights; returns how many it unpacked.
+
+    On a CPU with avx512_bf16, a `Linear4bit` run in eval mode without grad (as generation
+    does) repacks its weight for a faster CPU kernel and keeps it packed. That kernel has no
+    backward, so training afterwards silently gets zero gradients (bitsandbytes 0.50, measured:
+    grad_norm 0 after one `generate`). Sampling then training is exactly IMM's loop, so the
+    weights are unpacked before every training run and every merge.
+    """
+    try:
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    unpacked = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            unpacked += 1
+    return unpacked
+
+
 def merged_state_dict(model, masters: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The weights the model computes with, named as in a plain transformers checkpoint: what a
     sampler with its own copy of the model (vLLM) must load after a merge.
@@ -166,6 +189,7 @@ class IMMCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self._train_losses: list[float] = []
         model = trainer.model
+        unpack_cpu_4bit_weights(model)  # theta0 must be read from plain 4-bit weights
         if is_peft_model(model):
             self.merger = LoraMerger(model, config.merge_config, reset_seed=config.seed)
         else:
@@ -231,6 +255,7 @@ class IMMCallback(TrainerCallback):
             if config.reset_optimizer:
                 trainer.optimizer, trainer.lr_scheduler = None, None
             self._train_losses = []
+            unpack_cpu_4bit_weights(trainer.model)
             output = self._train_one_iteration()
         with timed(timings, "merge"):
             if is_peft_model(trainer.model):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import TrainerCallback
+from transformers import BitsAndBytesConfig, LlamaForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from imm_trl.callback import METRICS_FILE, IMMCallback
@@ -38,7 +38,15 @@ class Recorder(TrainerCallback):
         self.at_begin.append({"lora_b_max": max(lora_b, default=0.0), "optimizer_state": len(optimizer.state)})
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.sft_weights.append(dense_weights(self.trainer.model))
+        imm = next(cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, IMMCallback))
+        quantized = [t for t in getattr(imm.merger, "targets", {}).values() if t.quantized]
+        if quantized:  # QLoRA: G is the master copy; the adapter delta is kept apart
+            self.sft_weights.append({
+                t.name: (t.master.float().clone(), t.layers[0].get_delta_weight("default").float().clone())
+                for t in quantized
+            })
+        else:
+            self.sft_weights.append(dense_weights(self.trainer.model))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append(dict(logs or {}))
@@ -48,6 +56,8 @@ def dense_weights(model) -> dict[str, torch.Tensor]:
     """theta as the model computes with it: base weight plus the LoRA delta, by HF name."""
     from peft.tuners.lora import LoraLayer
 
+    from imm_trl.merging.lora import dequantize
+
     if not hasattr(model, "peft_config"):
         return {n: p.detach().clone() for n, p in model.named_parameters()}
     weights = {}
@@ -55,13 +65,19 @@ def dense_weights(model) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLayer):
             hf_name = name.removeprefix("base_model.model.") + ".weight"
             delta = module.get_delta_weight("default") if module.merged is False else 0
-            weights[hf_name] = (module.get_base_layer().weight.detach() + delta).clone()
+            weights[hf_name] = (dequantize(module.get_base_layer()).float() + delta).clone()
     return weights
 
 
-def user_script(output_dir, imm_config, peft=True, seed=0, extra_callbacks=()):
+def user_script(output_dir, imm_config, peft=True, seed=0, extra_callbacks=(), load_in_4bit=False):
     """A TRL SFT script as a user writes it, plus the two IMM lines."""
     model, tokenizer = tiny_model(seed=seed)
+    if load_in_4bit:  # QLoRA: the user loads their checkpoint in 4 bits
+        model.save_pretrained(output_dir / "base")
+        model = LlamaForCausalLM.from_pretrained(
+            output_dir / "base", dtype=torch.float32,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        )
     args = SFTConfig(
         output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=3,
         per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none",
@@ -190,3 +206,30 @@ def test_resume_after_a_kill_in_iteration_two_matches_an_uninterrupted_run(tmp_p
     history = json.loads((tmp_path / "b" / "imm" / METRICS_FILE).read_text())
     assert [row["iteration"] for row in history] == [1, 2]
 
+
+
+def test_qlora_follows_the_imm_formula_on_the_master_weights(tmp_path):
+    """QLoRA: G_t lives in bf16 master copies (the 4-bit weights are their rounding), so the
+    formula holds on the masters, and the 4-bit layers are re-quantized from them."""
+    from imm_trl.merging.lora import dequantize
+
+    trainer, _, recorder = user_script(tmp_path, imm_config(tmp_path), load_in_4bit=True)
+    imm = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, IMMCallback))
+    targets = list(imm.merger.targets.values())
+    assert targets and all(t.quantized for t in targets)
+    assert len(recorder.sft_weights) == 2
+
+    changed = 0
+    for target in targets:
+        theta0 = target.theta0.float()
+        g_1, delta_2 = recorder.sft_weights[1][target.name]  # master and adapter delta at SFT end
+        expected = (theta0 + ALPHA * (g_1 + delta_2 - theta0)).to(torch.bfloat16)
+        torch.testing.assert_close(target.master, expected, rtol=0, atol=0, msg=target.name)
+        changed += not torch.equal(target.master, target.theta0)
+        # The live 4-bit weight is NF4 of the master (error below a block's absmax/8), not the
+        # accumulation of two iterations of rounding.
+        error = (dequantize(target.base_layer).float() - target.master.float()).abs().max()
+        assert error < target.master.float().abs().max() / 8, target.name
+    assert changed > 0, "training changed nothing; the test would prove nothing"
+    for begin in recorder.at_begin:
+        assert begin["lora_b_max"] == 0.0 and begin["optimizer_state"] == 0
