@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from imm_trl.config import IMMConfig
+from imm_trl.distributed import whole_parameters
 from imm_trl.merging import FullWeightMerger, LoraMerger
 
 STATE_FILE = "imm_state.json"
@@ -116,7 +117,7 @@ def merged_state_dict(model, masters: dict[str, torch.Tensor] | None = None) -> 
     return weights
 
 
-def write_sampler_model(directory: Path, model, tokenizer) -> Path:
+def save_merged_model(directory: Path, model, tokenizer) -> Path:
     """A plain transformers model directory holding the model's current weights, from which
     a separate engine (vLLM) can start; written atomically."""
     config = model.get_base_model().config if is_peft_model(model) else model.config
@@ -190,10 +191,11 @@ class IMMCallback(TrainerCallback):
         self._train_losses: list[float] = []
         model = trainer.model
         unpack_cpu_4bit_weights(model)  # theta0 must be read from plain 4-bit weights
-        if is_peft_model(model):
-            self.merger = LoraMerger(model, config.merge_config, reset_seed=config.seed)
-        else:
-            self.merger = FullWeightMerger(model, config.merge_config)
+        with whole_parameters(model):
+            if is_peft_model(model):
+                self.merger = LoraMerger(model, config.merge_config, reset_seed=config.seed)
+            else:
+                self.merger = FullWeightMerger(model, config.merge_config)
         self.sampler = sampler or self._default_sampler()
         if trainer.accelerator.num_processes > 1:
             from imm_trl.distributed import ShardedSampler
@@ -205,15 +207,15 @@ class IMMCallback(TrainerCallback):
     def _default_sampler(self):
         tokenizer = self.trainer.processing_class
         if self.config.sampler == "vllm":
-            from imm_trl.sampling import VLLMSampler, VLLMSamplerConfig
+            from imm_trl.sampling import VLLMSampler
 
             model_dir = self.output_dir / f"sampler-model-rank{self.trainer.accelerator.process_index}"
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_sampler_model(model_dir, self.trainer.model, tokenizer)
-            return VLLMSampler(model_dir, tokenizer, VLLMSamplerConfig(**self.config.sampler_kwargs))
-        from imm_trl.sampling import HFSampler, HFSamplerConfig
+            save_merged_model(model_dir, self.trainer.model, tokenizer)
+            return VLLMSampler(model_dir, tokenizer, self.config.sampler_config_class()(**self.config.sampler_kwargs))
+        from imm_trl.sampling import HFSampler
 
-        return HFSampler(self.trainer.model, tokenizer, HFSamplerConfig(**self.config.sampler_kwargs))
+        return HFSampler(self.trainer.model, tokenizer, self.config.sampler_config_class()(**self.config.sampler_kwargs))
 
     # -- callback events -------------------------------------------------------------------
 
@@ -257,7 +259,7 @@ class IMMCallback(TrainerCallback):
             self._train_losses = []
             unpack_cpu_4bit_weights(trainer.model)
             output = self._train_one_iteration()
-        with timed(timings, "merge"):
+        with timed(timings, "merge"), whole_parameters(trainer.model):
             if is_peft_model(trainer.model):
                 self.merger.merge(trainer.model, iteration=iteration, reset=config.reset_adapter)
             else:

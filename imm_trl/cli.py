@@ -71,11 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.set_defaults(func=_prepare_model)
     _add_merge_parser(commands)
+    from imm_trl.analysis import add_analyze_parser
+    from imm_trl.eval import add_eval_parser
+    from imm_trl.loop import add_run_parser
+
+    add_run_parser(commands)
+    add_eval_parser(commands)
+    add_analyze_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     return args.func(args)
 
 

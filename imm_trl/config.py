@@ -135,6 +135,18 @@ class IMMConfig:
                 "iterations; give exactly one per iteration"
             )
         _ = self.merge_config  # validates method, density and ratio now, not after training
+        valid = {f.name for f in fields(self.sampler_config_class())}
+        unknown = sorted(set(self.sampler_kwargs) - valid)
+        if unknown:  # fail now, not after a model load and an engine start
+            raise ValueError(
+                f"sampler_kwargs {unknown} are not settings of the {self.sampler} sampler; valid: {sorted(valid)}"
+            )
+
+    def sampler_config_class(self):
+        """HFSamplerConfig or VLLMSamplerConfig, whichever `sampler` names."""
+        from imm_trl.sampling import HFSamplerConfig, VLLMSamplerConfig
+
+        return VLLMSamplerConfig if self.sampler == "vllm" else HFSamplerConfig
 
     @classmethod
     def preset(cls, name: str, **overrides) -> IMMConfig:

@@ -10,6 +10,7 @@ trainer's own distributed sampler then splits D_t across processes for training.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 from imm_trl.sampling.base import Prompt, SamplingParams
@@ -56,3 +57,29 @@ class ShardedSampler:
         completions = self.sampler.generate(mine, n, replace(params, seed=seed)) if mine else []
         per_rank = gather_object([completions])
         return unshard(per_rank, len(prompts))
+
+
+@contextmanager
+def whole_parameters(model):
+    """Make every parameter whole for the duration of a merge (or of capturing theta0).
+
+    DDP and ZeRO-1/2 keep whole parameters on every process: nothing to do. ZeRO-3 partitions
+    them; they are gathered (DeepSpeed `GatheredParameters`), merged identically on every
+    process, and rank 0's result is re-partitioned on exit. FSDP2 shards them as DTensors,
+    which the in-place mergers do not handle yet: refused with a clear error rather than a
+    merge of one shard as if it were the whole weight. Neither path is exercised on a CPU
+    machine; both need GPUs (and `deepspeed` for ZeRO-3).
+    """
+    params = list(model.parameters())
+    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params):
+        raise NotImplementedError(
+            "IMM merges under FSDP2 (DTensor-sharded parameters) are not implemented; use DDP, "
+            "ZeRO-2 or ZeRO-3 (recipes/accelerate_configs/)"
+        )
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield

@@ -1,0 +1,265 @@
+"""`run_imm(recipe)`: the IMM loop for users without a training script.
+
+A recipe is a YAML file with one section per component (torchtune style):
+
+    model: {name_or_path: default, dtype: float32}      # ModelArguments
+    data:  {suite: default, n_train: 200, n_eval: 100}  # DataArguments
+    peft:  {r: 16, lora_alpha: 32, target_modules: all-linear}   # LoraConfig; null = full FT
+    sft:   {learning_rate: 1.0e-4, max_steps: 20, ...}  # trl.SFTConfig
+    imm:   {preset: paper, sampler: vllm, ...}          # IMMConfig
+
+`run_imm` builds exactly the `SFTTrainer` + `IMMCallback` a user would write by hand and calls
+`trainer.train()` once; `imm-trl run --config recipe.yaml --imm.iterations 2` is the same
+from the shell (flags override the YAML, dotted by section).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECTIONS = ("model", "data", "peft", "sft", "imm")
+
+
+@dataclass
+class ModelArguments:
+    """Recipe section `model`: which model to start from (theta0) and how to load it."""
+
+    name_or_path: str = field(
+        default="default",
+        metadata={"help": "A model directory or hub id; 'default' = the offline SmolLM2-135M-Instruct."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in NF4."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (LLM.int8)."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "e.g. sdpa or flash_attention_2; None = transformers' default."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the checkpoint (off by default)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Recipe section `data`: the ID training questions and the eval sets."""
+
+    suite: str | None = field(
+        default="default", metadata={"help": "A built-in task suite (imm_trl.tasks.SUITES)."}
+    )
+    train_jsonl: str | None = field(
+        default=None, metadata={"help": "GSM8K-format JSONL of training questions (replaces `suite`)."}
+    )
+    eval_jsonl: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Eval sets from GSM8K-format JSONL files: name -> path."}
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "Prompt template for JSONL questions (imm_trl.tasks.TEMPLATES)."}
+    )
+    n_train: int = field(default=200, metadata={"help": "Training questions drawn."})
+    n_eval: int = field(default=100, metadata={"help": "Questions per eval set."})
+    seed: int = field(default=0, metadata={"help": "Seed of the question draw."})
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe."""
+
+    model: ModelArguments
+    data: DataArguments
+    peft: dict[str, Any] | None
+    sft: dict[str, Any]
+    imm: dict[str, Any]
+
+
+def check_keys(section: str, values: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(
+            f"recipe section {section!r} has unknown key(s) {unknown}; valid keys: {sorted(allowed)}"
+        )
+
+
+def parse_value(text: str) -> Any:
+    """A flag value read as YAML, except that `1e-5` is a number (YAML 1.1 wants `1.0e-5`)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_override(flag: str, value: str) -> tuple[str, str, Any]:
+    """`--imm.iterations`, `"2"` -> ("imm", "iterations", 2)."""
+    section, _, key = flag.removeprefix("--").partition(".")
+    if section not in SECTIONS or not key:
+        raise ValueError(f"override {flag!r} must look like --<section>.<key> with section in {SECTIONS}")
+    return section, key, parse_value(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `["--imm.iterations", "2", "--sft.learning_rate", "1e-5", ...]` to a raw recipe."""
+    if len(overrides) % 2:
+        raise ValueError(f"overrides come in --section.key value pairs; got {overrides}")
+    raw = copy.deepcopy(raw)
+    for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
+        section, key, parsed = parse_override(flag, value)
+        if raw.get(section) is None:
+            raw[section] = {}
+        raw[section][key] = parsed
+    return raw
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    """Validate every section against the dataclass it feeds; typos are errors, not ignored."""
+    check_keys("recipe", raw, set(SECTIONS))
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from imm_trl.config import IMMConfig
+
+    model = dict(raw.get("model") or {})
+    data = dict(raw.get("data") or {})
+    check_keys("model", model, {f.name for f in fields(ModelArguments)})
+    check_keys("data", data, {f.name for f in fields(DataArguments)})
+    peft = raw.get("peft")
+    if peft is not None:
+        check_keys("peft", peft, {f.name for f in fields(LoraConfig)})
+    sft = dict(raw.get("sft") or {})
+    check_keys("sft", sft, {f.name for f in fields(SFTConfig)})
+    imm = dict(raw.get("imm") or {})
+    check_keys("imm", imm, {f.name for f in fields(IMMConfig)} | {"preset"})
+    recipe = Recipe(ModelArguments(**model), DataArguments(**data), peft, sft, imm)
+    if recipe.model.load_in_4bit and recipe.model.load_in_8bit:
+        raise ValueError("model: choose one of load_in_4bit and load_in_8bit")
+    if (recipe.model.load_in_4bit or recipe.model.load_in_8bit) and peft is None:
+        raise ValueError("a quantized base can only be trained through an adapter: add a `peft` section")
+    IMMConfig.from_dict({**imm, "questions": []})  # IMM values are checked before any loading
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return parse_recipe(apply_overrides(raw, overrides or []))
+
+
+def load_questions(data: DataArguments):
+    """The training QuestionSet and the eval sets a recipe names."""
+    from imm_trl.tasks import load_jsonl_questions, load_suite
+
+    eval_sets = {}
+    if data.train_jsonl is not None:
+        template = data.template or "cot"
+        train = load_jsonl_questions(data.train_jsonl, limit=data.n_train, seed=data.seed, template=template)
+    elif data.suite is not None:
+        suite = load_suite(data.suite, seed=data.seed, n_train=data.n_train, n_eval=data.n_eval)
+        train, eval_sets = suite.train, dict(suite.eval_sets)
+    else:
+        raise ValueError("data: give a `suite` or a `train_jsonl`")
+    for name, path in data.eval_jsonl.items():
+        eval_sets[name] = load_jsonl_questions(
+            path, limit=data.n_eval, seed=data.seed, template=data.template or "cot"
+        )
+    return train, eval_sets
+
+
+def load_model(args: ModelArguments):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from imm_trl.models import _ensure_chat_ready, default_model_dir
+
+    path = str(default_model_dir()) if args.name_or_path == "default" else args.name_or_path
+    dtype = getattr(torch, args.dtype)
+    quantization = None
+    if args.load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    elif args.load_in_8bit:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=quantization,
+        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    _ensure_chat_ready(tokenizer)
+    return model, tokenizer
+
+
+def seed_dataset(train):
+    """A placeholder for SFTTrainer's required `train_dataset` (IMM replaces it with D_1
+    before any step runs): a few training questions with their gold answers."""
+    from datasets import Dataset
+
+    rows = [
+        {"prompt": row["question"], "completion": [{"role": "assistant", "content": str(row.get("solution") or row["answer"])}]}
+        for row in train.rows[:4]
+    ]
+    return Dataset.from_list(rows)
+
+
+def build_trainer(recipe: Recipe):
+    """The `SFTTrainer` with `IMMCallback` that a user would write for this recipe."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from imm_trl.callback import IMMCallback
+    from imm_trl.config import IMMConfig
+
+    train, eval_sets = load_questions(recipe.data)
+    imm_values = {"verifier": train.verifier, "eval_sets": eval_sets, **recipe.imm, "questions": train.rows}
+    imm_config = IMMConfig.from_dict(imm_values)
+    model, tokenizer = load_model(recipe.model)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**recipe.sft),
+        train_dataset=seed_dataset(train),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**recipe.peft) if recipe.peft is not None else None,
+    )
+    callback = IMMCallback(trainer, imm_config)
+    trainer.add_callback(callback)
+    return trainer, callback
+
+
+def run_imm(recipe: Recipe | str | Path, overrides: list[str] | None = None):
+    """Run every IMM iteration of a recipe (an object or a YAML path); returns the callback,
+    whose `history` holds the per-iteration metrics (also in <imm output_dir>/imm_metrics.json)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    trainer, callback = build_trainer(recipe)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        save_final_model(trainer, callback)
+    return callback
+
+
+def save_final_model(trainer, callback) -> Path:
+    """G_T as a plain model directory (`from_pretrained`-ready): <imm output_dir>/final."""
+    from imm_trl.callback import save_merged_model
+
+    return save_merged_model(callback.output_dir / "final", trainer.model, trainer.processing_class)
+
+
+def add_run_parser(commands) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run IMM from a recipe YAML; --<section>.<key> VALUE flags override it",
+        description=__doc__,
+    )
+    run.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    run.set_defaults(func=_run, accepts_overrides=True)
+
+
+def _run(args) -> int:
+    callback = run_imm(args.config, args.overrides)
+    last = callback.history[-1] if callback.history else {}
+    print({k: v for k, v in last.items() if isinstance(v, (int, float)) and not k.startswith("seconds/")})
+    return 0

@@ -1,0 +1,85 @@
+"""Every recipe and accelerate config under recipes/ parses and validates; flags override YAML."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imm_trl.config import IMMConfig
+from imm_trl.loop import apply_overrides, load_recipe, parse_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes/accelerate_configs").glob("*.yaml"))
+
+
+def test_the_recipes_the_issue_names_exist():
+    assert {p.stem for p in RECIPES} >= {"default", "paper", "lora_1b5", "qlora_8b", "zero3_vllm_7b"}
+    assert {p.stem for p in ACCELERATE_CONFIGS} == {"single", "ddp", "ddp_cpu", "zero2", "zero3", "fsdp2"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_and_validates(path):
+    from peft import LoraConfig
+
+    recipe = load_recipe(path)
+    imm = IMMConfig.from_dict({**recipe.imm, "questions": []})
+    assert imm.iterations >= 1
+    if recipe.peft is not None:
+        assert LoraConfig(**recipe.peft).r > 0
+    from trl import SFTConfig
+
+    args = SFTConfig(**{**recipe.sft, "bf16": False, "use_cpu": True})  # this machine has no GPU
+    assert args.output_dir
+
+
+def test_the_paper_recipe_is_the_papers_setup():
+    recipe = load_recipe(RECIPES[[p.stem for p in RECIPES].index("paper")])
+    imm = IMMConfig.from_dict({**recipe.imm, "questions": []})
+    assert recipe.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and recipe.peft is None
+    assert (imm.merge_method, imm.density, imm.merge_ratio, imm.iterations) == ("dare_linear", 0.8, 0.5, 3)
+    assert (imm.samples_per_question, imm.temperature) == (3, 0.0)
+    sft = recipe.sft
+    assert sft["learning_rate"] == 2e-5 and sft["num_train_epochs"] == 3 and sft["warmup_steps"] == 0.03
+    assert sft["per_device_train_batch_size"] * sft["gradient_accumulation_steps"] == 64
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_every_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
+
+
+def test_flags_override_the_yaml_and_are_parsed_as_yaml():
+    raw = {"imm": {"iterations": 3}, "sft": {"output_dir": "x"}}
+    out = apply_overrides(raw, ["--imm.iterations", "2", "--sft.learning_rate", "1e-5", "--peft.r", "8"])
+    assert out == {"imm": {"iterations": 2}, "sft": {"output_dir": "x", "learning_rate": 1e-5}, "peft": {"r": 8}}
+    assert raw["imm"]["iterations"] == 3  # the loaded recipe is left as it was
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"imm": {"iteratons": 2}}, "unknown key.*iteratons"),
+        ({"sft": {"learnig_rate": 1e-5}}, "unknown key.*learnig_rate"),
+        ({"modle": {}}, "unknown key.*modle"),
+        ({"model": {"load_in_4bit": True}}, "adapter"),
+        ({"imm": {"merge_method": "avg"}}, "avg"),
+    ],
+)
+def test_typos_and_impossible_settings_are_clear_errors(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(raw)
+
+
+def test_malformed_override_flag_names_the_form(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"imm": {"iterations": 1}}))
+    with pytest.raises(ValueError, match="--<section>.<key>"):
+        load_recipe(path, ["--iterations", "2"])
+
+
+def test_a_sampler_setting_typo_is_caught_before_loading_anything():
+    with pytest.raises(ValueError, match="kv_cache.*valid"):
+        parse_recipe({"imm": {"sampler": "vllm", "sampler_kwargs": {"kv_cache": 2}}})
