@@ -98,8 +98,9 @@ def _copy_with(src, dst, edit):
         (lambda t: t.update({"model.norm.weight": torch.ones(5, dtype=torch.bfloat16)}), r"shape mismatch for model\.norm\.weight"),
         (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}), r"dtype mismatch for model\.norm\.weight"),
         (lambda t: t["model.norm.weight"].fill_(float("nan")), r"model\.norm\.weight contains NaN or Inf"),
+        (lambda t: t["model.norm.weight"].__setitem__(3, float("-inf")), r"model\.norm\.weight contains NaN or Inf"),
     ],
-    ids=["missing", "extra", "shape", "dtype", "nan"],
+    ids=["missing", "extra", "shape", "dtype", "nan", "inf"],
 )
 def test_refusals_leave_nothing_behind(checkpoints, tmp_path, edit, message):
     base, tuned_a, _ = checkpoints

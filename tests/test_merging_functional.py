@@ -19,6 +19,7 @@ from imm_trl.merging.functional import (
     combine_deltas,
     dare_keep_mask,
     dare_prune,
+    dare_threshold,
     magnitude_prune,
     merge_flat,
 )
@@ -100,6 +101,29 @@ def test_dare_mask_is_deterministic_and_shard_independent():
     other_name = dare_keep_mask(shape, 0.7, seed=5, name="model.layers.1.mlp.up_proj.weight").reshape(-1)
     other_seed = dare_keep_mask(shape, 0.7, seed=6, name="model.layers.0.mlp.up_proj.weight").reshape(-1)
     assert (full != other_name).float().mean() > 0.3 and (full != other_seed).float().mean() > 0.3
+
+
+def test_dare_keep_probability_is_density_in_steps_of_2_to_the_minus_16():
+    for density in (1e-4, 0.01, 0.2, 0.5, 0.8, 0.9, 0.99999, 0.999999):
+        assert abs(dare_threshold(density) / 2**16 - density) <= 2**-16
+    mask = dare_keep_mask((4 * DARE_BLOCK,), 0.01, seed=0, name="sparse")
+    assert abs(mask.float().mean().item() - 0.01) < 0.02 * 0.01
+
+
+def test_dare_mask_into_a_reused_buffer_equals_a_fresh_one():
+    buffer = torch.ones(DARE_BLOCK + 100, dtype=torch.bool)
+    for start, count in [(0, DARE_BLOCK + 100), (DARE_BLOCK - 50, 77), (3, 5)]:
+        fresh = dare_keep_mask((count,), 0.6, seed=1, name="w", start=start)
+        reused = dare_keep_mask((count,), 0.6, seed=1, name="w", start=start, out=buffer)
+        assert torch.equal(fresh, reused) and reused.data_ptr() == buffer.data_ptr()
+
+
+def test_dare_propagates_non_finite_dropped_elements():
+    # Like PEFT's tensor * mask: a NaN/Inf in the delta is never silently dropped (the
+    # checkpoint merger then refuses the tensor).
+    delta = torch.tensor([float("nan"), float("inf"), 1.0])
+    pruned = dare_prune(delta, torch.tensor([False, False, True]), 0.5)
+    assert pruned[:2].isnan().all() and pruned[2] == 2.0
 
 
 def test_sharded_merge_equals_whole_merge():

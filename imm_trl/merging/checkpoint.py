@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 
 from imm_trl.merging.config import Ratio, RatioMap, check_density, check_method, parse_ratio
-from imm_trl.merging.functional import MERGE_CHUNK, merge_flat, merge_tensors, new_scratch
+from imm_trl.merging.functional import (
+    MERGE_CHUNK,
+    Scratch,
+    dare_masks,
+    merge_flat,
+    merge_tensors,
+    new_scratch,
+)
 from imm_trl.merging.io import (
     PICKLE_WEIGHT_SUFFIXES,
     CheckpointReader,
@@ -219,10 +226,12 @@ def plan_units(planned: list[PlannedTensor], method: str, chunk: int = STREAM_CH
 
 
 class BufferSet:
-    """Reused buffers for one in-flight piece: base, each tuned model, and the output."""
+    """Reused buffers for one in-flight piece: base, each tuned model, the output, and each
+    tuned model's DARE mask."""
 
     def __init__(self, models: int):
         self.raw = [torch.empty(0, dtype=torch.uint8) for _ in range(models + 2)]
+        self.masks = [torch.empty(0, dtype=torch.bool) for _ in range(models)]
 
     def views(self, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
         size = count * torch.empty((), dtype=dtype).element_size()
@@ -230,6 +239,12 @@ class BufferSet:
             if raw.numel() < size:
                 self.raw[i] = torch.empty(size, dtype=torch.uint8)
         return [raw[:size].view(dtype) for raw in self.raw]
+
+    def mask_views(self, count: int) -> list[torch.Tensor]:
+        for i, mask in enumerate(self.masks):
+            if mask.numel() < count:
+                self.masks[i] = torch.empty(count, dtype=torch.bool)
+        return [mask[:count] for mask in self.masks]
 
 
 def stream_merge(
@@ -241,8 +256,9 @@ def stream_merge(
     settings: dict,
 ) -> None:
     """Read, merge and write every tensor in pieces of STREAM_CHUNK elements through a few
-    reused buffers; the next read and the previous write run in background threads while the
-    current piece is merged. Memory: IN_FLIGHT buffer sets (plus whole tensors for TIES)."""
+    reused buffers; the next read (with the drawing of its DARE masks) and the previous write
+    run in background threads while the current piece is merged. Memory: IN_FLIGHT buffer
+    sets (plus whole tensors for TIES)."""
     units = plan_units(planned, settings["method"])
     free: queue.Queue[BufferSet] = queue.Queue()
     for _ in range(IN_FLIGHT):
@@ -258,16 +274,22 @@ def stream_merge(
                 if stop.is_set():
                     raise RuntimeError("merge aborted") from None
 
+    draws_masks = settings["method"] in ("dare_linear", "dare_ties") and settings["density"] < 1.0
+
     def read(unit: WorkUnit):
         name = unit.tensor.name
         if unit.whole:
-            return None, base.read(name), [reader.read(name) for reader in tuned]
+            return None, base.read(name), [reader.read(name) for reader in tuned], None
         buffers = take_buffers()
         base_buffer, *tuned_buffers, _ = buffers.views(unit.tensor.dtype, unit.count)
         base.read_range_into(name, unit.start, base_buffer)
         for reader, buffer in zip(tuned, tuned_buffers, strict=True):
             reader.read_range_into(name, unit.start, buffer)
-        return buffers, base_buffer, tuned_buffers
+        masks = None
+        if draws_masks:  # NumPy draws them without the GIL, beside the merge of the last piece
+            masks = dare_masks(unit.count, settings["density"], settings["seed"], name, unit.start,
+                               len(tuned), out=buffers.mask_views(unit.count))
+        return buffers, base_buffer, tuned_buffers, masks
 
     def write(unit: WorkUnit, merged: torch.Tensor, buffers: BufferSet | None) -> None:
         writer.write(unit.tensor.name, merged)
@@ -279,7 +301,7 @@ def stream_merge(
             pending_write: Future | None = None
             next_read = reader_pool.submit(read, units[0]) if units else None
             for position, unit in enumerate(units):
-                buffers, base_piece, tuned_pieces = next_read.result()
+                buffers, base_piece, tuned_pieces, masks = next_read.result()
                 if position + 1 < len(units):
                     next_read = reader_pool.submit(read, units[position + 1])
                 ratio = ratio_map.ratio_for(unit.tensor.name)
@@ -287,7 +309,7 @@ def stream_merge(
                     merged = merge_one(unit.tensor.name, base_piece, tuned_pieces, ratio, settings)
                 else:
                     out = buffers.views(unit.tensor.dtype, unit.count)[-1]
-                    merged = merge_piece(unit, base_piece, tuned_pieces, out, ratio, settings, scratch)
+                    merged = merge_piece(unit, base_piece, tuned_pieces, out, ratio, settings, scratch, masks)
                 if pending_write is not None:
                     pending_write.result()
                 pending_write = writer_pool.submit(write, unit, merged, buffers)
@@ -299,8 +321,9 @@ def stream_merge(
 
 
 def merge_piece(unit: WorkUnit, base: torch.Tensor, tuned: list[torch.Tensor], out: torch.Tensor,
-                ratio: float, settings: dict, scratch: list[torch.Tensor]) -> torch.Tensor:
-    """Merge one streamed piece (elementwise methods) into `out` and refuse NaN/Inf."""
+                ratio: float, settings: dict, scratch: Scratch, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Merge one streamed piece (elementwise methods) into `out` and refuse NaN/Inf; `masks`
+    are the piece's DARE masks when already drawn."""
     weights = settings["weights"]
     weights = [1.0] * len(tuned) if weights is None else [float(w) for w in weights]
     for begin in range(0, unit.count, MERGE_CHUNK):
@@ -309,15 +332,18 @@ def merge_piece(unit: WorkUnit, base: torch.Tensor, tuned: list[torch.Tensor], o
             base[begin:end], [t[begin:end] for t in tuned], method=settings["method"], ratio=ratio,
             density=settings["density"], seed=settings["seed"], weights=weights, name=unit.tensor.name,
             compute_dtype=settings["compute_dtype"], start=unit.start + begin, out=out[begin:end], scratch=scratch,
+            masks=None if masks is None else [mask[begin:end] for mask in masks],
         )
     _refuse_non_finite(unit.tensor.name, out)
     return out
 
 
 def _refuse_non_finite(name: str, merged: torch.Tensor) -> None:
-    # A NaN or Inf anywhere makes the sum non-finite; the sum is one fast pass, the exact
-    # elementwise check runs only to confirm (a sum can overflow on huge finite values).
-    if not torch.isfinite(merged.sum(dtype=torch.float32)) and not torch.isfinite(merged).all():
+    # min and max propagate NaN and are +-Inf if any element is: one exact pass that
+    # allocates nothing (a float32 sum of a bf16 tensor would first copy it to float32).
+    if merged.element_size() == 1:  # float8: no aminmax kernel
+        merged = merged.float()
+    if merged.numel() and not torch.isfinite(torch.stack(torch.aminmax(merged))).all():
         raise ValueError(
             f"the merged tensor {name} contains NaN or Inf (check the inputs for NaN/Inf and the "
             "ratio for overflow in the output dtype); nothing was written"

@@ -4,8 +4,8 @@ Every merge in imm-trl is `result = base + ratio * M(tuned - base)`, where `M` i
 operator of the method (DESIGN.md section 1). The functions below compute deltas, prune them
 (DARE, TIES), combine several of them, and apply the result to a base tensor. Definitions of
 TIES follow `peft.utils.merge_utils` (magnitude top-k, sign elected by total mass, disjoint
-mean); DARE differs from PEFT in one way only: its keep mask comes from a counter-based hash
-of (seed, tensor name, element index) instead of a global random generator, so the mask is
+mean); DARE differs from PEFT in one way only: its keep mask comes from random numbers keyed
+by (seed, tensor name, element index) instead of a global random generator, so the mask is
 the same on every device, in every process, and for any slice of the tensor.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,12 @@ MERGE_METHODS = ("linear", "dare_linear", "ties", "dare_ties")
 # keyed by (seed, tensor name, block number): any slice of a tensor regenerates exactly the
 # blocks it overlaps, so every shard and every process gets the same mask.
 DARE_BLOCK = 1 << 20
+# Each 64-bit random word gives four elements a 16-bit lane (a quarter of the generator work
+# and of the compare of full words); the keep probability is therefore density rounded to a
+# multiple of 2**-16 (DARE_LEVELS).
+DARE_LANE_DTYPE = np.dtype("<u2")
+DARE_LEVELS = 1 << 16
+_LANES_PER_WORD = 8 // DARE_LANE_DTYPE.itemsize
 
 
 def name_key(seed: int, name: str) -> tuple[int, int]:
@@ -40,23 +47,35 @@ def name_key(seed: int, name: str) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 
-def block_random_bits(block: int, seed: int, name: str) -> np.ndarray:
-    """The DARE_BLOCK uint64 random words of block `block` of tensor `name`.
+def block_random_lanes(block: int, seed: int, name: str, count: int = DARE_BLOCK) -> np.ndarray:
+    """The first `count` 16-bit random lanes of block `block` of tensor `name`.
 
     SFC64 seeded through a SeedSequence of (seed, name, block): both have version-stable
-    output streams in NumPy, and generation happens on the CPU, so the words do not depend
-    on the device the tensor lives on.
+    output streams in NumPy. Lane `i` is bits 16*(i % 4) .. 16*(i % 4) + 15 of word i // 4
+    (little-endian order on every machine). Generation happens on the CPU, so the lanes do
+    not depend on the device the tensor lives on; a shorter `count` is a prefix of the block.
 
     Args:
         block (`int`): Block number (flat element index // DARE_BLOCK).
         seed (`int`): The merge seed.
         name (`str`): The tensor's name.
+        count (`int`): How many lanes, at most DARE_BLOCK.
 
     Returns:
-        `np.ndarray`: `DARE_BLOCK` uint64 values.
+        `np.ndarray`: `count` uint16 values.
     """
     entropy = [*name_key(seed, name), block & 0xFFFFFFFF, block >> 32]
-    return np.random.SFC64(np.random.SeedSequence(entropy)).random_raw(DARE_BLOCK)
+    words = np.random.SFC64(np.random.SeedSequence(entropy)).random_raw(-(-count // _LANES_PER_WORD))
+    return words.astype("<u8", copy=False).view(DARE_LANE_DTYPE)[:count]
+
+
+def dare_threshold(density: float) -> int:
+    """Lanes below this value are kept: `round(density * 2**16)`, kept within [1, 2**16 - 1].
+
+    The keep probability `threshold / 2**16` is within 2**-16 of `density` (for density 0.8:
+    0.8000031; for 0.01: 0.0099945).
+    """
+    return min(max(round(density * DARE_LEVELS), 1), DARE_LEVELS - 1)
 
 
 def dare_keep_mask(
@@ -66,11 +85,12 @@ def dare_keep_mask(
     name: str,
     start: int = 0,
     device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The DARE keep mask: each element kept with probability `density`.
+    """The DARE keep mask: each element kept with probability `density` (in steps of 2**-16).
 
-    Element `i` (flat index in the full tensor) is kept iff its random word is below
-    `density * 2**64`; the word depends only on (seed, name, i).
+    Element `i` (flat index in the full tensor) is kept iff its 16-bit random lane is below
+    `dare_threshold(density)`; the lane depends only on (seed, name, i).
 
     Args:
         shape: Shape of the (slice of the) tensor.
@@ -79,23 +99,50 @@ def dare_keep_mask(
         name (`str`): The tensor's name.
         start (`int`): Flat index, in the full tensor, of this slice's first element.
         device: Where the mask is returned.
+        out (`torch.Tensor`, optional): A contiguous CPU bool buffer of at least the slice's
+            size to fill (reused across calls, so no fresh pages are faulted in).
 
     Returns:
         `torch.Tensor`: Boolean mask of `shape`.
     """
     count = math.prod(int(size) for size in shape)
+    if out is None:
+        out = torch.empty(count, dtype=torch.bool)
+    if out.numel() < count or out.dtype != torch.bool or out.device.type != "cpu":
+        raise ValueError(f"out must be a CPU bool tensor of at least {count} elements")
+    mask = out.view(-1)[:count]
     if density >= 1.0:
-        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
-    threshold = np.uint64(min(int(density * 2.0**64), 2**64 - 1))
-    pieces = []
+        return mask.fill_(True).view(tuple(shape)).to(device)
+    threshold = np.uint16(dare_threshold(density))
+    flat = mask.numpy()
     position = start
     while position < start + count:
         block, offset = divmod(position, DARE_BLOCK)
         take = min(DARE_BLOCK - offset, start + count - position)
-        pieces.append(block_random_bits(block, seed, name)[offset : offset + take] < threshold)
+        lanes = block_random_lanes(block, seed, name, offset + take)[offset:]
+        np.less(lanes, threshold, out=flat[position - start : position - start + take])
         position += take
-    mask = np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
-    return torch.from_numpy(mask).reshape(tuple(shape)).to(device)
+    return mask.view(tuple(shape)).to(device)
+
+
+def dare_prune_(delta: torch.Tensor, mask: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE in place: rescale `delta` by 1/density and zero the elements not in `mask`.
+
+    Multiplies by the mask (as PEFT's `random_pruning` does), so a NaN or Inf in a dropped
+    element still makes the result non-finite instead of being hidden.
+
+    Args:
+        delta (`torch.Tensor`): The task vector, overwritten.
+        mask (`torch.Tensor`): Boolean keep mask, same shape as `delta`.
+        density (`float`): The keep probability the mask was drawn with.
+
+    Returns:
+        `torch.Tensor`: `delta`.
+    """
+    if density >= 1.0:
+        return delta
+    # A uint8 view multiplies several times faster than a bool mask or masked_fill_.
+    return delta.div_(density).mul_(mask.view(torch.uint8))
 
 
 def dare_prune(delta: torch.Tensor, mask: torch.Tensor, density: float) -> torch.Tensor:
@@ -107,11 +154,12 @@ def dare_prune(delta: torch.Tensor, mask: torch.Tensor, density: float) -> torch
         density (`float`): The keep probability the mask was drawn with.
 
     Returns:
-        `torch.Tensor`: The pruned and rescaled delta (expected value equals `delta`).
+        `torch.Tensor`: The pruned and rescaled delta (expected value equals `delta`), a new
+        tensor unless density is 1.
     """
     if density >= 1.0:
         return delta
-    return (delta / density).masked_fill_(~mask, 0.0)
+    return dare_prune_(delta.clone(), mask, density)
 
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -195,6 +243,8 @@ def combine_deltas(
     seed: int = 0,
     name: str = "",
     start: int = 0,
+    masks: Sequence[torch.Tensor] | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """The delta operator M of a merge method applied to one or more task vectors.
 
@@ -211,6 +261,9 @@ def combine_deltas(
         name (`str`): Tensor name, part of the DARE mask key.
         start (`int`): Flat index of this slice in the full tensor (DARE only; TIES needs the
             whole tensor because its top-k is global).
+        masks (optional): The DARE keep masks, one per delta, as `dare_masks` draws them;
+            drawn here when not given.
+        inplace (`bool`): DARE may prune `deltas` in place (work buffers of the caller).
 
     Returns:
         `torch.Tensor`: The combined delta.
@@ -220,10 +273,13 @@ def combine_deltas(
     if method == "linear":
         return weighted_sum(deltas, weights)
     if method in ("dare_linear", "dare_ties"):
-        deltas = [
-            dare_prune(d, dare_keep_mask(d.shape, density, seed, _model_name(name, i), start, d.device), density)
-            for i, d in enumerate(deltas)
-        ]
+        if density < 1.0:
+            if masks is None:
+                masks = dare_masks(deltas[0].numel(), density, seed, name, start, len(deltas))
+            deltas = [
+                dare_prune_(d if inplace else d.clone(), keep.to(d.device).view(d.shape), density)
+                for d, keep in zip(deltas, masks, strict=True)
+            ]
         if method == "dare_linear":
             return weighted_sum(deltas, weights)
     elif method == "ties":
@@ -237,9 +293,34 @@ def combine_deltas(
     return disjoint_mean(weighted, agree)
 
 
-def _model_name(name: str, model_index: int) -> str:
-    """Mask key of the `model_index`-th tuned model's tensor: distinct masks per model."""
-    return name if model_index == 0 else f"{name}#{model_index}"
+def dare_masks(
+    count: int,
+    density: float,
+    seed: int,
+    name: str,
+    start: int = 0,
+    models: int = 1,
+    out: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """The DARE keep masks of a flat slice for each of `models` tuned models.
+
+    Model 0's mask is keyed by `name`, model i's by `name#i`, so every model drops different
+    elements.
+
+    Args:
+        count (`int`): Elements in the slice.
+        density, seed, name, start: As in `dare_keep_mask`.
+        models (`int`): Number of tuned models.
+        out (optional): One CPU bool buffer per model to fill (see `dare_keep_mask`).
+
+    Returns:
+        `list[torch.Tensor]`: Flat boolean masks on the CPU.
+    """
+    outs = list(out) if out is not None else [None] * models
+    return [
+        dare_keep_mask((count,), density, seed, name if i == 0 else f"{name}#{i}", start, out=outs[i])
+        for i in range(models)
+    ]
 
 
 def merge_flat(
@@ -255,7 +336,8 @@ def merge_flat(
     compute_dtype: torch.dtype,
     start: int = 0,
     out: torch.Tensor | None = None,
-    scratch: list[torch.Tensor] | None = None,
+    scratch: Scratch | None = None,
+    masks: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merge a slice of a tensor: `base + ratio * M(tuned - base)`, in `base.dtype`.
 
@@ -269,7 +351,9 @@ def merge_flat(
         method, ratio, density, seed, weights, name, compute_dtype: as in `merge_tensors`.
         start (`int`): Flat index of the slice's first element in the full tensor.
         out (`torch.Tensor`, optional): Where to write the result (dtype `base.dtype`).
-        scratch (optional): Buffers from `new_scratch`, at least as long as the slice.
+        scratch (optional): Buffers from `new_scratch(n, len(tuned), ...)` with n at least
+            the slice's size.
+        masks (optional): The slice's DARE masks if already drawn (see `combine_deltas`).
 
     Returns:
         `torch.Tensor`: The merged slice.
@@ -277,26 +361,43 @@ def merge_flat(
     count = base.numel()
     if scratch is None:
         scratch = new_scratch(count, len(tuned), compute_dtype, base.device)
-    base_compute = scratch[0][:count].view(base.shape).copy_(base)
+    base_compute = scratch.base[:count].view(base.shape).copy_(base)
     deltas = [
         buffer[:count].view(base.shape).copy_(other).sub_(base_compute)
-        for buffer, other in zip(scratch[1:], tuned, strict=False)
+        for buffer, other in zip(scratch.deltas, tuned, strict=False)
     ]
+    if masks is None and method in ("dare_linear", "dare_ties") and density < 1.0:
+        masks = dare_masks(count, density, seed, name, start, len(tuned), out=scratch.masks)
     delta = combine_deltas(
-        deltas, method=method, weights=weights, density=density, seed=seed, name=name, start=start
+        deltas, method=method, weights=weights, density=density, seed=seed, name=name, start=start,
+        masks=masks, inplace=True,
     )
     if out is None:
         out = torch.empty_like(base)
     return out.copy_(delta.mul_(ratio).add_(base_compute))
 
 
-def new_scratch(count: int, models: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
-    """Work buffers for `merge_flat`: one for the base, one per tuned model.
+@dataclass
+class Scratch:
+    """Work buffers of `merge_flat`: the base and each delta (compute dtype, on the tensors'
+    device) and each DARE mask (bool, on the CPU, where masks are drawn)."""
+
+    base: torch.Tensor
+    deltas: list[torch.Tensor]
+    masks: list[torch.Tensor]
+
+
+def new_scratch(count: int, models: int, dtype: torch.dtype, device) -> Scratch:
+    """Work buffers for `merge_flat` over slices of up to `count` elements of `models` models.
 
     Reused across chunks because fresh multi-megabyte allocations are returned to the OS
     when freed, and faulting their pages back in costs more than the arithmetic.
     """
-    return [torch.empty(count, dtype=dtype, device=device) for _ in range(models + 1)]
+    return Scratch(
+        base=torch.empty(count, dtype=dtype, device=device),
+        deltas=[torch.empty(count, dtype=dtype, device=device) for _ in range(models)],
+        masks=[torch.empty(count, dtype=torch.bool) for _ in range(models)],
+    )
 
 
 # Elements merged at a time by elementwise methods: small enough that the temporaries of one
@@ -409,15 +510,15 @@ def merge_into_(
         base = theta0.to(compute_dtype)
         current.sub_(base)
         if method == "dare_linear" and density < 1.0:
-            keep = dare_keep_mask(current.shape, density, seed, name, device=current.device)
-            current.div_(density).masked_fill_(keep.logical_not_(), 0.0)
+            dare_prune_(current, dare_keep_mask(current.shape, density, seed, name, device=current.device), density)
         return current.mul_(ratio).add_(base)
     flat = current.view(-1)
     flat_theta0 = theta0.reshape(-1)
     flat_update = update.reshape(-1) if update is not None else None
     count = flat.numel()
     chunk = min(MERGE_CHUNK, count)
-    work, base_work, update_work = new_scratch(chunk, 2, compute_dtype, current.device)
+    scratch = new_scratch(chunk, 2, compute_dtype, current.device)
+    base_work, (work, update_work), mask_work = scratch.base, scratch.deltas, scratch.masks[0]
     for begin in range(0, count, chunk):
         end = min(begin + chunk, count)
         tuned = work[: end - begin].copy_(flat[begin:end])
@@ -426,7 +527,7 @@ def merge_into_(
             tuned.add_(update_work[: end - begin].copy_(flat_update[begin:end]))
         tuned.sub_(base)
         if method == "dare_linear" and density < 1.0:
-            keep = dare_keep_mask((end - begin,), density, seed, name, start=begin, device=current.device)
-            tuned.div_(density).masked_fill_(keep.logical_not_(), 0.0)
+            keep = dare_keep_mask((end - begin,), density, seed, name, begin, current.device, out=mask_work)
+            dare_prune_(tuned, keep, density)
         flat[begin:end].copy_(tuned.mul_(ratio).add_(base))
     return current
