@@ -1,5 +1,6 @@
 """Merge kernels against independent reference computations, PEFT, and the config checks."""
 
+import copy
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from imm_trl.merging.functional import (
     magnitude_prune,
     merge_flat,
 )
+from imm_trl.models import tiny_model
 
 
 def _pair(shape=(37, 53), seed=0, dtype=torch.float64, models=1):
@@ -171,6 +173,26 @@ def test_merge_state_dicts_with_layer_ratio_map():
     assert merged["model.layers.8.mlp.up_proj.weight"][0].item() == pytest.approx(0.6)
     assert merged["model.layers.11.mlp.up_proj.weight"][0].item() == pytest.approx(0.6)
     assert merged["lm_head.weight"][0].item() == pytest.approx(0.5)
+
+
+def test_merge_state_dicts_merges_tied_entries_once():
+    base_model, _ = tiny_model(seed=0, tie_word_embeddings=True)
+    tuned_model = copy.deepcopy(base_model)  # keeps the tie
+    with torch.no_grad():
+        for param in tuned_model.parameters():
+            param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    base, tuned = base_model.state_dict(), tuned_model.state_dict()
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    assert base[head].data_ptr() == base[emb].data_ptr() and tuned[head].data_ptr() == tuned[emb].data_ptr()
+    merged = merge_state_dicts(base, tuned, method="dare_linear", ratio=0.5, density=0.5, seed=2)
+    assert merged[head] is merged[emb]  # still one tensor, merged once with the first name's mask
+    expected = merge_tensors(base[emb], tuned[emb], method="dare_linear", ratio=0.5, density=0.5, seed=2, name=emb)
+    assert torch.equal(merged[emb], expected)
+    # Equal untied copies in the tuned dict are fine; different ones are refused.
+    assert torch.equal(merge_state_dicts(base, {**tuned, head: tuned[head].clone()}, ratio=0.5)[head],
+                       merge_state_dicts(base, tuned, ratio=0.5)[emb])
+    with pytest.raises(ValueError, match="tied in the base state dict"):
+        merge_state_dicts(base, {**tuned, head: tuned[head] + 1.0}, ratio=0.5)
 
 
 def test_ratio_map_patterns_first_match_wins():

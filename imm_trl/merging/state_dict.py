@@ -34,6 +34,11 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """Merge every tensor of `base` with the same-named tensors of `tuned`.
 
+    Tied entries (names whose base tensors are the same view of the same memory, such as
+    `lm_head.weight` and `model.embed_tokens.weight` of a model with tied embeddings) are
+    merged once, under the first of their names, and stay one tensor in the result; their
+    tuned tensors must be equal too.
+
     Args:
         base: The original state dict (theta0).
         tuned: A tuned state dict, or a list of them.
@@ -55,8 +60,17 @@ def merge_state_dicts(
                 f"extra {sorted(extra)[:5]}"
             )
     merged = {}
+    first_of_view: dict[tuple, str] = {}
     for name, base_tensor in base.items():
         tuned_tensors = [other[name] for other in tuned_list]
+        key = view_key(base_tensor)
+        if key is not None and key in first_of_view:
+            first = first_of_view[key]
+            _check_tied_alike(first, name, [other[first] for other in tuned_list], tuned_tensors)
+            merged[name] = merged[first]
+            continue
+        if key is not None:
+            first_of_view[key] = name
         if not base_tensor.is_floating_point():
             merged[name] = base_tensor.clone()
             continue
@@ -65,6 +79,23 @@ def merge_state_dicts(
             seed=seed, weights=weights, name=name, compute_dtype=compute_dtype,
         )
     return merged
+
+
+def view_key(tensor: torch.Tensor) -> tuple | None:
+    """What makes two tensors the same view of the same memory (None for empty tensors)."""
+    if tensor.numel() == 0:
+        return None
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+
+
+def _check_tied_alike(first: str, name: str, first_tuned: list[torch.Tensor], tuned: list[torch.Tensor]) -> None:
+    """Refuse a tuned state dict where two entries tied in the base differ."""
+    for index, (a, b) in enumerate(zip(first_tuned, tuned, strict=True)):
+        if view_key(a) != view_key(b) and not torch.equal(a, b):
+            raise ValueError(
+                f"{first} and {name} are tied in the base state dict (one tensor) but differ in tuned "
+                f"state dict {index}; untie them in the base (clone one) to merge them separately"
+            )
 
 
 class FullWeightMerger:
