@@ -6,9 +6,16 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from imm_trl.merging import FullWeightMerger, LoraMerger, MergeConfig, merge_state_dicts
+from imm_trl.merging import (
+    FullWeightMerger,
+    LoraMerger,
+    MergeConfig,
+    merge_state_dicts,
+    merge_tensors,
+)
 from imm_trl.merging.lora import dequantize
 from imm_trl.models import tiny_model
 
@@ -148,6 +155,47 @@ def test_theta0_read_from_safetensors_dir_equals_cpu_copy(tmp_path):
     assert all(torch.equal(cpu_weights[k], dir_weights[k]) for k in cpu_weights)
 
 
+def test_theta0_is_the_loaders_storage_and_the_model_gets_a_copy(tmp_path):
+    tiny_model(seed=0)[0].save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # safetensors, mapped
+    on_disk = load_file(tmp_path / "model.safetensors")
+    peft_model = get_peft_model(loaded, LoraConfig(r=4, target_modules=TARGETS))
+    before = {id(m.base_layer.weight): m.base_layer.weight.data_ptr() for m in _lora_layers(peft_model)}
+    merger = LoraMerger(peft_model, MergeConfig(ratio=0.5))
+    for target in merger.targets.values():
+        weight = target.base_layer.weight
+        # theta0 is the memory the loader filled (no second copy); the model computes with a
+        # fresh copy of the same values, which the merges overwrite.
+        assert target.theta0.data_ptr() == before[id(weight)] != weight.data_ptr()
+        assert torch.equal(weight, target.theta0)
+    _randomize_lora_b(peft_model, seed=5)
+    for iteration in (1, 2):
+        merger.merge(peft_model, iteration=iteration)
+    for target in merger.targets.values():
+        assert torch.equal(target.theta0, on_disk[target.name])  # never written
+        assert not torch.equal(target.base_layer.weight, on_disk[target.name])
+
+
+def test_weights_sharing_memory_are_merged_once_and_stay_shared():
+    model, _ = tiny_model(seed=0)
+    layers = model.model.layers
+    layers[1].self_attn.q_proj.weight = torch.nn.Parameter(layers[0].self_attn.q_proj.weight.data)  # same memory
+    theta0 = layers[0].self_attn.q_proj.weight.detach().clone()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
+    merger = LoraMerger(peft_model, MergeConfig(ratio=0.5))
+    assert len(merger.targets) == len(layers) - 1
+    _randomize_lora_b(peft_model, seed=6)
+    q0, q1 = (layer.self_attn.q_proj for layer in peft_model.base_model.model.model.layers[:2])
+    expected = theta0 + 0.5 * (q0.get_delta_weight("default") + q1.get_delta_weight("default"))
+    merger.merge(peft_model)
+    assert q0.base_layer.weight.data_ptr() == q1.base_layer.weight.data_ptr()
+    assert torch.allclose(q0.base_layer.weight, expected, rtol=0, atol=1e-6)
+
+
+def _lora_layers(peft_model):
+    return [m for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+
 def _requantize_nf4(weight):
     import bitsandbytes.functional as bnbf
 
@@ -210,3 +258,19 @@ def test_full_weight_merger_matches_state_dict_merge(tmp_path):
     got, got_disk = model.state_dict(), twin.state_dict()
     for key in expected:
         assert torch.equal(got[key], expected[key]) and torch.equal(got_disk[key], expected[key]), key
+
+
+def test_full_weight_merger_merges_memory_shared_parameters_once():
+    model, _ = tiny_model(seed=0)
+    layers = model.model.layers
+    layers[1].mlp.up_proj.weight = torch.nn.Parameter(layers[0].mlp.up_proj.weight.data)  # same memory
+    name = "model.layers.0.mlp.up_proj.weight"
+    theta0 = layers[0].mlp.up_proj.weight.detach().clone()
+    merger = FullWeightMerger(model, MergeConfig(method="dare_linear", ratio=0.5, density=0.5))
+    with torch.no_grad():
+        layers[0].mlp.up_proj.weight.add_(0.1)
+    tuned = layers[0].mlp.up_proj.weight.detach().clone()
+    merger.merge(model, iteration=1)
+    expected = merge_tensors(theta0, tuned, method="dare_linear", ratio=0.5, density=0.5, seed=1, name=name)
+    assert layers[1].mlp.up_proj.weight.data_ptr() == layers[0].mlp.up_proj.weight.data_ptr()
+    assert torch.equal(layers[0].mlp.up_proj.weight, expected)

@@ -5,7 +5,8 @@ With LoRA, theta_t^SFT = G_{t-1} + dW_t, so the IMM update of each targeted weig
     G_t = theta0 + alpha * M(G_{t-1} - theta0 + dW_t)
 
 and every other weight stays theta0. `LoraMerger` keeps theta0 of the targeted weights only
-(a CPU copy, or read back from the original safetensors at merge time), takes dW from PEFT's
+(in memory, see `capture_theta0_`, or read back from the original safetensors at merge
+time), takes dW from PEFT's
 own `get_delta_weight` (so LoRA scaling, rsLoRA and `fan_in_fan_out` are PEFT's), writes
 G_t into the base layers in place, and re-initialises the adapter (B = 0) so the next
 iteration trains a fresh one on G_t.
@@ -27,6 +28,7 @@ from torch import nn
 from imm_trl.merging.config import MergeConfig
 from imm_trl.merging.functional import merge_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
+from imm_trl.merging.state_dict import aliased_tensors, capture_theta0_, view_key
 
 PEFT_PREFIX = "base_model.model."
 RESETTABLE_INITS = (True, "gaussian")
@@ -37,8 +39,8 @@ class MergeTarget:
     """One base weight that LoRA layers write into (several layers if the weight is tied)."""
 
     name: str  # parameter name in the base model, e.g. model.layers.0.mlp.up_proj.weight
-    layers: list = field(default_factory=list)  # PEFT LoraLayer modules sharing this weight
-    theta0: torch.Tensor | None = None  # CPU copy; None when read from theta0_dir
+    layers: list = field(default_factory=list)  # PEFT LoraLayer modules writing into this weight
+    theta0: torch.Tensor | None = None  # on the CPU; None when read from theta0_dir
     master: torch.Tensor | None = None  # bf16 master copy of G for quantized layers
 
     @property
@@ -57,7 +59,7 @@ class SavedModuleTarget:
     name: str
     original: nn.Parameter
     trained: nn.Parameter
-    theta0: torch.Tensor
+    theta0: torch.Tensor | None = None
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
@@ -114,7 +116,7 @@ class LoraMerger:
         config: Method, ratio (number, per-layer map or per-iteration schedule), density, seed.
         adapter_name: The adapter to merge; default the active one.
         theta0_dir: Read theta0 from this safetensors model directory at each merge instead
-            of keeping a CPU copy (the directory the base model was loaded from).
+            of keeping it in memory (the directory the base model was loaded from).
         master_dtype: Dtype of the master copy kept for quantized layers.
         reset_seed: Seed for re-initialising the adapter; None uses the global RNG.
     """
@@ -136,7 +138,7 @@ class LoraMerger:
         self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
         self.master_dtype = master_dtype
         self.reset_seed = reset_seed
-        self.targets: dict[int, MergeTarget] = {}
+        self.targets: dict[object, MergeTarget] = {}
         self.saved_modules: list[SavedModuleTarget] = []
         self.init_lora_weights = self._init_lora_weights(model)
 
@@ -144,13 +146,15 @@ class LoraMerger:
             if isinstance(module, LoraLayer) and self._has_adapter(module):
                 self._check_supported(module_name, module)
                 weight = module.get_base_layer().weight
-                target = self.targets.setdefault(id(weight), MergeTarget(name=base_parameter_name(module_name)))
+                # Keyed by memory, not object: weights tied through shared storage merge once.
+                key = view_key(weight) or id(weight)
+                target = self.targets.setdefault(key, MergeTarget(name=base_parameter_name(module_name)))
                 target.layers.append(module)
             elif isinstance(module, ModulesToSaveWrapper) and self.adapter in module.modules_to_save:
                 self._add_saved_module(module_name, module)
         if not self.targets and not self.saved_modules:
             raise ValueError(f"the model has no LoRA layers or modules_to_save for adapter {self.adapter!r}")
-        self._capture_theta0()
+        self._capture_theta0(aliased_tensors(model))
 
     def _has_adapter(self, module) -> bool:
         return self.adapter in module.lora_A or self.adapter in getattr(module, "lora_embedding_A", {})
@@ -186,24 +190,25 @@ class LoraMerger:
                 continue
             stripped = module_name[len(PEFT_PREFIX) :] if module_name.startswith(PEFT_PREFIX) else module_name
             self.saved_modules.append(
-                SavedModuleTarget(
-                    name=f"{stripped}.{param_name}", original=original, trained=trained[param_name],
-                    theta0=original.detach().to("cpu", copy=True),
-                )
+                SavedModuleTarget(name=f"{stripped}.{param_name}", original=original, trained=trained[param_name], theta0=None)
             )
 
     @torch.no_grad()
-    def _capture_theta0(self) -> None:
+    def _capture_theta0(self, aliased: set[int]) -> None:
+        for saved in self.saved_modules:
+            saved.theta0 = capture_theta0_(saved.original, id(saved.original) in aliased)
         reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
         try:
             for target in self.targets.values():
+                weight = target.base_layer.weight
                 if reader is not None:
                     if target.name not in set(reader.names()):
                         raise ValueError(f"theta0_dir {self.theta0_dir} has no tensor {target.name}")
                     theta0 = None
+                elif target.quantized:
+                    theta0 = dequantize(target.base_layer).to("cpu", dtype=self.master_dtype, copy=True)
                 else:
-                    dense = dequantize(target.base_layer)
-                    theta0 = dense.to("cpu", dtype=self.master_dtype if target.quantized else dense.dtype, copy=True)
+                    theta0 = capture_theta0_(weight, id(weight) in aliased)
                 target.theta0 = theta0
                 if target.quantized:
                     source = reader.read(target.name) if reader is not None else theta0

@@ -17,7 +17,7 @@ from imm_trl.merging.config import (
     check_method,
     parse_ratio,
 )
-from imm_trl.merging.functional import merge_tensors
+from imm_trl.merging.functional import merge_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
 
 
@@ -98,12 +98,58 @@ def _check_tied_alike(first: str, name: str, first_tuned: list[torch.Tensor], tu
             )
 
 
+def aliased_tensors(model: nn.Module) -> set[int]:
+    """`id`s of the parameters and buffers of `model` whose memory another one overlaps
+    (weights tied through shared storage rather than one shared `Parameter`)."""
+    spans = []
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.numel() and tensor.device.type == "cpu":
+            extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)) + 1
+            start = tensor.data_ptr()
+            spans.append((start, start + extent * tensor.element_size(), id(tensor)))
+    spans.sort()
+    aliased, active = set(), []
+    for start, end, ident in spans:
+        active = [(e, i) for e, i in active if e > start]
+        if active:
+            aliased.add(ident)
+            aliased.update(i for _, i in active)
+        active.append((end, ident))
+    return aliased
+
+
+def capture_theta0_(param: torch.Tensor, aliased: bool = False) -> torch.Tensor:
+    """Capture theta0 of a live parameter, before it is trained or merged into.
+
+    On the CPU the parameter is given a fresh copy of its values and its original storage is
+    kept as theta0; the values are the same either way. For a model loaded from safetensors
+    that storage is the file mapped into memory, so theta0 costs no memory of its own (clean
+    page-cache pages, which the kernel can drop and read back) and the live copy is ordinary
+    memory, which merges overwrite without a copy-on-write fault per 4 KiB page. A parameter
+    on an accelerator, or whose memory another tensor aliases (`aliased`), keeps its storage
+    and theta0 is a CPU copy.
+
+    Args:
+        param (`torch.Tensor`): The parameter (its `.data` may be replaced).
+        aliased (`bool`): Whether another tensor of the model shares its memory.
+
+    Returns:
+        `torch.Tensor`: theta0, on the CPU, never written afterwards.
+    """
+    data = param.detach()
+    if data.device.type != "cpu" or aliased or not data.is_contiguous():
+        return data.to("cpu", copy=True)
+    param.data = data.clone()
+    return data
+
+
 class FullWeightMerger:
     """IMM merge for full fine-tuning: `G <- theta0 + alpha * M(G - theta0)`, in place.
 
-    theta0 is captured when the merger is built, either as a CPU copy of every parameter or,
-    with `theta0_dir`, read back tensor by tensor from the original safetensors directory
-    when merging (nothing kept in memory). Tied parameters are merged once.
+    theta0 is captured when the merger is built, either in memory (`capture_theta0_`: the
+    parameters' original storage on the CPU, else a CPU copy) or, with `theta0_dir`, read back
+    tensor by tensor from the original safetensors directory when merging (nothing kept in
+    memory). Tied parameters (one `Parameter`, or several sharing memory) are merged once.
     """
 
     def __init__(self, model: nn.Module, config: MergeConfig, theta0_dir: str | os.PathLike | None = None):
@@ -111,8 +157,9 @@ class FullWeightMerger:
         self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
         self._theta0: dict[str, torch.Tensor] = {}
         if self.theta0_dir is None:
+            aliased = aliased_tensors(model)
             self._theta0 = {
-                name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()
+                name: capture_theta0_(param, id(param) in aliased) for name, param in model.named_parameters()
             }
         else:
             with CheckpointReader(self.theta0_dir) as reader:
@@ -129,16 +176,21 @@ class FullWeightMerger:
         """Merge `model`'s current weights with theta0, in place, at iteration `iteration`'s ratio."""
         ratio_map = self.config.ratio_map(iteration)
         reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
+        merged = set()
         try:
             for name, param in model.named_parameters():
+                if (key := view_key(param)) in merged:
+                    continue  # tied through shared memory to a parameter already merged
+                merged.add(key)
                 theta0 = reader.read(name) if reader is not None else self._theta0[name]
-                merged = merge_tensors(
-                    theta0.to(param.device), param.detach(), method=self.config.method,
-                    ratio=ratio_map.ratio_for(name), density=self.config.density,
-                    seed=self.config.seed + iteration, name=name,
-                    compute_dtype=self.config.torch_compute_dtype,
+                settings = dict(
+                    method=self.config.method, ratio=ratio_map.ratio_for(name), density=self.config.density,
+                    seed=self.config.seed + iteration, name=name, compute_dtype=self.config.torch_compute_dtype,
                 )
-                param.copy_(merged)
+                if settings["method"] in ("linear", "dare_linear") and theta0.dtype == param.dtype and param.is_contiguous():
+                    merge_into_(param.data, theta0, **settings)  # in place, no tensor-sized temporaries
+                else:
+                    param.copy_(merge_tensors(theta0.to(param.device), param.detach(), **settings))
         finally:
             if reader is not None:
                 reader.close()
