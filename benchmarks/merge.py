@@ -10,7 +10,9 @@
     `dare_linear` run from a separate virtual environment (`.venv-mergekit`, CLI only). Wall
     time and peak RSS (`/usr/bin/time` of each child process). Page cache is warm for all.
 
-Every child process runs with OMP_NUM_THREADS=1 (see `_env`).
+Every child process runs with OMP_NUM_THREADS=1 (see `_env`). The 1-minute load average is
+recorded beside each row: on a shared machine wall times stretch with it, so compare the
+rows of one run only.
 
 Usage:  python benchmarks/merge.py [--skip-lora] [--skip-checkpoints] [--workdir /tmp/imm_merge_bench]
 Writes benchmarks/results/merge.json and benchmarks/results/merge.md.
@@ -112,7 +114,9 @@ def lora_case(model_name: str, impl: str) -> dict:
         from imm_trl.merging import LoraMerger, MergeConfig
 
         with PeakRSS() as capture:
+            start = time.perf_counter()
             merger = LoraMerger(peft_model, MergeConfig(method="linear", ratio=0.5))
+            result["capture_seconds"] = time.perf_counter() - start
         result["theta0_bytes"] = merger.theta0_bytes()
         result["capture_extra_rss_mb"] = (capture.peak - capture.start) / 2**20
         with PeakRSS() as rss:
@@ -141,6 +145,7 @@ def run_lora_benchmarks() -> list[dict]:
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             row = min(runs, key=lambda r: r["seconds"])
             row["all_seconds"] = [r["seconds"] for r in runs]
+            row["load_average"] = os.getloadavg()[0]
             row["merge_extra_rss_mb"] = max(r["merge_extra_rss_mb"] for r in runs)
             print("lora", row, flush=True)
             rows.append(row)
@@ -301,7 +306,7 @@ def run_checkpoint_benchmarks(workdir: Path) -> dict:
         rows.append(dict(name="mergekit", error=f"{MERGEKIT_YAML} not found; mergekit not installed"))
     for name, command in contenders:
         shutil.rmtree(workdir / "out", ignore_errors=True)
-        row = dict(name=name, **timed_child(command))
+        row = dict(name=name, **timed_child(command), load_average=os.getloadavg()[0])
         print("checkpoint", row, flush=True)
         rows.append(row)
     shutil.rmtree(workdir / "out", ignore_errors=True)
@@ -325,15 +330,23 @@ def _env() -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"# Merge benchmark ({results['machine']})", "", f"Command: `{results['command']}`", ""]
+    if results.get("note"):
+        lines += [results["note"], ""]
     if results.get("lora"):
         lines += ["## (a) LoRA merge (r=16, all linear projections; imm-trl at alpha=0.5 incl. adapter reset)", "",
-                  "| model | params | dtype | impl | seconds (best) | all runs s | peak extra RSS MiB (merge) | theta0 copy MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "imm-trl captures theta0 once per run, when the merger is built (before training); "
+                  "its time and memory are shown apart from the merge's.", "",
+                  "| model | params | dtype | impl | merge s (best) | all runs s | peak extra RSS MiB (merge) "
+                  "| capture s | capture extra RSS MiB | theta0 held MiB | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in results["lora"]:
             theta0 = f"{row['theta0_bytes'] / 2**20:.0f}" if "theta0_bytes" in row else "-"
+            capture = f"{row['capture_seconds']:.3f}" if "capture_seconds" in row else "-"
+            capture_rss = f"{row['capture_extra_rss_mb']:.0f}" if "capture_extra_rss_mb" in row else "-"
             lines.append(f"| {row['model']} | {row['params'] / 1e9:.3f}B | {row['dtype']} | {row['impl']} | "
                          f"{row['seconds']:.3f} | {', '.join(f'{x:.2f}' for x in row.get('all_seconds', []))} | "
-                         f"{row['merge_extra_rss_mb']:.0f} | {theta0} |")
+                         f"{row['merge_extra_rss_mb']:.0f} | {capture} | {capture_rss} | {theta0} | "
+                         f"{row.get('load_average', float('nan')):.1f} |")
         for model in ("smollm2", "llama-1.1b"):
             by_impl = {r["impl"]: r for r in results["lora"] if r["model"] == model}
             if {"imm", "peft"} <= set(by_impl):
@@ -344,7 +357,7 @@ def markdown(results: dict) -> str:
         info = results["checkpoints"]["checkpoint"]
         lines += [f"## (b) Checkpoint merge: two {info['params'] / 1e9:.2f}B-param bf16 checkpoints "
                   f"({info['bytes'] / 2**30:.2f} GiB each; largest tensor {info['largest_tensor_bytes'] / 2**20:.0f} MiB)", "",
-                  "| contender | seconds | x baseline | peak RSS MiB |", "|---|---|---|---|"]
+                  "| contender | seconds | x baseline | peak RSS MiB | load avg |", "|---|---|---|---|---|"]
         rows = results["checkpoints"]["rows"]
         baseline = next((r["seconds"] for r in rows if r.get("name", "").startswith("read+write")), None)
         for row in rows:
@@ -352,7 +365,8 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {row.get('name')} | failed: {row.get('error') or row.get('tail', '')[-300:]!r} | | |")
                 continue
             factor = f"{row['seconds'] / baseline:.2f}" if baseline else "-"
-            lines.append(f"| {row['name']} | {row['seconds']:.1f} | {factor} | {row['peak_rss_mb']:.0f} |")
+            lines.append(f"| {row['name']} | {row['seconds']:.1f} | {factor} | {row['peak_rss_mb']:.0f} | "
+                         f"{row.get('load_average', float('nan')):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +376,7 @@ def main() -> None:
     parser.add_argument("--skip-checkpoints", action="store_true")
     parser.add_argument("--workdir", default="/tmp/imm_merge_bench")
     parser.add_argument("--update", action="store_true", help="keep the parts not re-run from results/merge.json")
+    parser.add_argument("--note", default="", help="a sentence about the conditions, printed under the command")
     parser.add_argument("--lora-case", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--read-write", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -374,6 +389,7 @@ def main() -> None:
     results = dict(
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
         command="python " + " ".join(sys.argv),
+        note=args.note,
     )
     if args.update and (RESULTS / "merge.json").is_file():
         # Re-run only some parts, keeping the others from the previous run's file.
