@@ -36,12 +36,22 @@ RESULTS = REPO / "benchmarks" / "results"
 MERGEKIT_YAML = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
 LLAMA_1B = dict(  # TinyLlama-1.1B shape
-    hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-    num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    tie_word_embeddings=False,
 )
 LLAMA_1P7B = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-    num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=False,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=24,
+    num_attention_heads=32,
+    num_key_value_heads=16,
+    vocab_size=49152,
+    tie_word_embeddings=False,
 )
 LORA_REPEATS = 2
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -109,7 +119,9 @@ def lora_case(model_name: str, impl: str) -> dict:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.01)
-    result = dict(model=model_name, impl=impl, params=n_params, dtype=str(next(model.parameters()).dtype))
+    result = dict(
+        model=model_name, impl=impl, params=n_params, dtype=str(next(model.parameters()).dtype)
+    )
     if impl == "imm":
         from imm_trl.merging import LoraMerger, MergeConfig
 
@@ -140,7 +152,10 @@ def run_lora_benchmarks() -> list[dict]:
             for _ in range(LORA_REPEATS):  # a fresh process each time; the fastest is reported
                 out = subprocess.run(
                     [sys.executable, __file__, "--lora-case", model_name, impl],
-                    check=True, capture_output=True, text=True, env=_env(),
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=_env(),
                 )
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             row = min(runs, key=lambda r: r["seconds"])
@@ -169,13 +184,20 @@ def build_checkpoints(workdir: Path) -> tuple[Path, Path, dict]:
     config.dtype = "bfloat16"
     config.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
-        layout = {name: (tuple(p.shape)) for name, p in LlamaForCausalLM(config).state_dict().items()}
+        layout = {
+            name: (tuple(p.shape)) for name, p in LlamaForCausalLM(config).state_dict().items()
+        }
     base_dir, tuned_dir = workdir / "base", workdir / "tuned"
     generator = torch.Generator().manual_seed(0)
     for directory, noise in ((base_dir, 0.0), (tuned_dir, 0.002)):
         directory.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(directory)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ):
             if (default_model_dir() / name).is_file():
                 shutil.copy(default_model_dir() / name, directory / name)
         shards, shard, size, weight_map = [], {}, 0, {}
@@ -229,9 +251,11 @@ def read_and_write(base_dir: str, tuned_dir: str, out_dir: str) -> None:
     buffer = bytearray(chunk)
     for base_file in sorted(Path(base_dir).glob("*.safetensors")):
         tuned_file = Path(tuned_dir) / base_file.name
-        with open(base_file, "rb", buffering=0) as base, open(tuned_file, "rb", buffering=0) as tuned, open(
-            out / base_file.name, "wb", buffering=0
-        ) as sink:
+        with (
+            open(base_file, "rb", buffering=0) as base,
+            open(tuned_file, "rb", buffering=0) as tuned,
+            open(out / base_file.name, "wb", buffering=0) as sink,
+        ):
             other = bytearray(chunk)
             while True:
                 got = base.readinto(buffer)
@@ -252,7 +276,9 @@ def timed_child(command: list[str], env: dict | None = None) -> dict:
     start = time.perf_counter()
     process = subprocess.run(
         ["/usr/bin/time", "-f", "%M", "-o", str(stats), *command],
-        env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env or _env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     seconds = time.perf_counter() - start
     lines = stats.read_text().strip().splitlines() if stats.is_file() else []
@@ -266,7 +292,9 @@ def timed_child(command: list[str], env: dict | None = None) -> dict:
     )
 
 
-def mergekit_config(method: str, base_dir: Path, tuned_dir: Path, ratio: float, density: float) -> str:
+def mergekit_config(
+    method: str, base_dir: Path, tuned_dir: Path, ratio: float, density: float
+) -> str:
     parameters = {"weight": ratio}
     if method == "dare_linear":
         parameters["density"] = density
@@ -290,20 +318,68 @@ def run_checkpoint_benchmarks(workdir: Path) -> dict:
     rows = []
     python = sys.executable
     contenders = [
-        ("read+write (baseline)", [python, __file__, "--read-write", str(base_dir), str(tuned_dir), str(workdir / "out")]),
-        ("imm-trl linear", [python, "-m", "imm_trl.cli", "merge", str(base_dir), str(tuned_dir), "--out", str(workdir / "out"),
-                            "--method", "linear", "--ratio", "0.5"]),
-        ("imm-trl dare_linear", [python, "-m", "imm_trl.cli", "merge", str(base_dir), str(tuned_dir), "--out", str(workdir / "out"),
-                                 "--method", "dare_linear", "--ratio", "0.5", "--density", "0.8"]),
+        (
+            "read+write (baseline)",
+            [python, __file__, "--read-write", str(base_dir), str(tuned_dir), str(workdir / "out")],
+        ),
+        (
+            "imm-trl linear",
+            [
+                python,
+                "-m",
+                "imm_trl.cli",
+                "merge",
+                str(base_dir),
+                str(tuned_dir),
+                "--out",
+                str(workdir / "out"),
+                "--method",
+                "linear",
+                "--ratio",
+                "0.5",
+            ],
+        ),
+        (
+            "imm-trl dare_linear",
+            [
+                python,
+                "-m",
+                "imm_trl.cli",
+                "merge",
+                str(base_dir),
+                str(tuned_dir),
+                "--out",
+                str(workdir / "out"),
+                "--method",
+                "dare_linear",
+                "--ratio",
+                "0.5",
+                "--density",
+                "0.8",
+            ],
+        ),
     ]
     if MERGEKIT_YAML.is_file():
         for method in ("task_arithmetic", "dare_linear"):
             config_path = workdir / f"mergekit_{method}.yml"
             config_path.write_text(mergekit_config(method, base_dir, tuned_dir, 0.5, 0.8))
-            contenders.append((f"mergekit {method}", [str(MERGEKIT_YAML), str(config_path), str(workdir / "out"),
-                                                       "--quiet", "--random-seed", "0"]))
+            contenders.append(
+                (
+                    f"mergekit {method}",
+                    [
+                        str(MERGEKIT_YAML),
+                        str(config_path),
+                        str(workdir / "out"),
+                        "--quiet",
+                        "--random-seed",
+                        "0",
+                    ],
+                )
+            )
     else:
-        rows.append(dict(name="mergekit", error=f"{MERGEKIT_YAML} not found; mergekit not installed"))
+        rows.append(
+            dict(name="mergekit", error=f"{MERGEKIT_YAML} not found; mergekit not installed")
+        )
     for name, command in contenders:
         shutil.rmtree(workdir / "out", ignore_errors=True)
         row = dict(name=name, **timed_child(command), load_average=os.getloadavg()[0])
@@ -329,54 +405,85 @@ def _env() -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Merge benchmark ({results['machine']})", "", f"Command: `{results['command']}`", ""]
+    lines = [
+        f"# Merge benchmark ({results['machine']})",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+    ]
     if results.get("note"):
         lines += [results["note"], ""]
     if results.get("lora"):
-        lines += ["## (a) LoRA merge (r=16, all linear projections; imm-trl at alpha=0.5 incl. adapter reset)", "",
-                  "imm-trl captures theta0 once per run, when the merger is built (before training); "
-                  "its time and memory are shown apart from the merge's.", "",
-                  "| model | params | dtype | impl | merge s (best) | all runs s | peak extra RSS MiB (merge) "
-                  "| capture s | capture extra RSS MiB | theta0 held MiB | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## (a) LoRA merge (r=16, all linear projections; imm-trl at alpha=0.5 incl. adapter reset)",
+            "",
+            "imm-trl captures theta0 once per run, when the merger is built (before training); "
+            "its time and memory are shown apart from the merge's.",
+            "",
+            "| model | params | dtype | impl | merge s (best) | all runs s | peak extra RSS MiB (merge) "
+            "| capture s | capture extra RSS MiB | theta0 held MiB | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in results["lora"]:
             theta0 = f"{row['theta0_bytes'] / 2**20:.0f}" if "theta0_bytes" in row else "-"
             capture = f"{row['capture_seconds']:.3f}" if "capture_seconds" in row else "-"
-            capture_rss = f"{row['capture_extra_rss_mb']:.0f}" if "capture_extra_rss_mb" in row else "-"
-            lines.append(f"| {row['model']} | {row['params'] / 1e9:.3f}B | {row['dtype']} | {row['impl']} | "
-                         f"{row['seconds']:.3f} | {', '.join(f'{x:.2f}' for x in row.get('all_seconds', []))} | "
-                         f"{row['merge_extra_rss_mb']:.0f} | {capture} | {capture_rss} | {theta0} | "
-                         f"{row.get('load_average', float('nan')):.1f} |")
+            capture_rss = (
+                f"{row['capture_extra_rss_mb']:.0f}" if "capture_extra_rss_mb" in row else "-"
+            )
+            lines.append(
+                f"| {row['model']} | {row['params'] / 1e9:.3f}B | {row['dtype']} | {row['impl']} | "
+                f"{row['seconds']:.3f} | {', '.join(f'{x:.2f}' for x in row.get('all_seconds', []))} | "
+                f"{row['merge_extra_rss_mb']:.0f} | {capture} | {capture_rss} | {theta0} | "
+                f"{row.get('load_average', float('nan')):.1f} |"
+            )
         for model in ("smollm2", "llama-1.1b"):
             by_impl = {r["impl"]: r for r in results["lora"] if r["model"] == model}
             if {"imm", "peft"} <= set(by_impl):
                 ratio = by_impl["peft"]["seconds"] / by_impl["imm"]["seconds"]
-                lines.append(f"\n{model}: imm-trl merge is {ratio:.2f}x the speed of PEFT merge_and_unload.")
+                lines.append(
+                    f"\n{model}: imm-trl merge is {ratio:.2f}x the speed of PEFT merge_and_unload."
+                )
         lines.append("")
     if results.get("checkpoints"):
         info = results["checkpoints"]["checkpoint"]
-        lines += [f"## (b) Checkpoint merge: two {info['params'] / 1e9:.2f}B-param bf16 checkpoints "
-                  f"({info['bytes'] / 2**30:.2f} GiB each; largest tensor {info['largest_tensor_bytes'] / 2**20:.0f} MiB)", "",
-                  "| contender | seconds | x baseline | peak RSS MiB | load avg |", "|---|---|---|---|---|"]
+        lines += [
+            f"## (b) Checkpoint merge: two {info['params'] / 1e9:.2f}B-param bf16 checkpoints "
+            f"({info['bytes'] / 2**30:.2f} GiB each; largest tensor {info['largest_tensor_bytes'] / 2**20:.0f} MiB)",
+            "",
+            "| contender | seconds | x baseline | peak RSS MiB | load avg |",
+            "|---|---|---|---|---|",
+        ]
         rows = results["checkpoints"]["rows"]
-        baseline = next((r["seconds"] for r in rows if r.get("name", "").startswith("read+write")), None)
+        baseline = next(
+            (r["seconds"] for r in rows if r.get("name", "").startswith("read+write")), None
+        )
         for row in rows:
             if "error" in row or row.get("returncode"):
-                lines.append(f"| {row.get('name')} | failed: {row.get('error') or row.get('tail', '')[-300:]!r} | | |")
+                lines.append(
+                    f"| {row.get('name')} | failed: {row.get('error') or row.get('tail', '')[-300:]!r} | | |"
+                )
                 continue
             factor = f"{row['seconds'] / baseline:.2f}" if baseline else "-"
-            lines.append(f"| {row['name']} | {row['seconds']:.1f} | {factor} | {row['peak_rss_mb']:.0f} | "
-                         f"{row.get('load_average', float('nan')):.1f} |")
+            lines.append(
+                f"| {row['name']} | {row['seconds']:.1f} | {factor} | {row['peak_rss_mb']:.0f} | "
+                f"{row.get('load_average', float('nan')):.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--skip-checkpoints", action="store_true")
     parser.add_argument("--workdir", default="/tmp/imm_merge_bench")
-    parser.add_argument("--update", action="store_true", help="keep the parts not re-run from results/merge.json")
-    parser.add_argument("--note", default="", help="a sentence about the conditions, printed under the command")
+    parser.add_argument(
+        "--update", action="store_true", help="keep the parts not re-run from results/merge.json"
+    )
+    parser.add_argument(
+        "--note", default="", help="a sentence about the conditions, printed under the command"
+    )
     parser.add_argument("--lora-case", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--read-write", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -394,7 +501,10 @@ def main() -> None:
     if args.update and (RESULTS / "merge.json").is_file():
         # Re-run only some parts, keeping the others from the previous run's file.
         previous = json.loads((RESULTS / "merge.json").read_text())
-        results = {**previous, "command": f"{previous.get('command')}; then python " + " ".join(sys.argv)}
+        results = {
+            **previous,
+            "command": f"{previous.get('command')}; then python " + " ".join(sys.argv),
+        }
     if not args.skip_lora:
         results["lora"] = run_lora_benchmarks()
     if not args.skip_checkpoints:

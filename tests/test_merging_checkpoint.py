@@ -53,14 +53,26 @@ def test_output_loads_and_equals_in_memory_merge(checkpoints, tmp_path, method):
     base, tuned_a, tuned_b = checkpoints
     ratio = {"layers.0": 0.3, "default": 0.6}
     out = merge_checkpoints(
-        base, [tuned_a, tuned_b], tmp_path / "out", method=method, ratio=ratio, density=0.7, seed=3,
-        weights=[0.5, 0.5], max_shard_bytes=400_000,
+        base,
+        [tuned_a, tuned_b],
+        tmp_path / "out",
+        method=method,
+        ratio=ratio,
+        density=0.7,
+        seed=3,
+        weights=[0.5, 0.5],
+        max_shard_bytes=400_000,
     )
     files = sorted(p.name for p in out.iterdir())
     assert "model.safetensors.index.json" in files and "model-00002-of-00002.safetensors" in files
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= set(files)
     expected = merge_state_dicts(
-        _state(base), [_state(tuned_a), _state(tuned_b)], method=method, ratio=ratio, density=0.7, seed=3,
+        _state(base),
+        [_state(tuned_a), _state(tuned_b)],
+        method=method,
+        ratio=ratio,
+        density=0.7,
+        seed=3,
         weights=[0.5, 0.5],
     )
     got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
@@ -72,11 +84,29 @@ def test_output_loads_and_equals_in_memory_merge(checkpoints, tmp_path, method):
 
 def test_cli_merge(checkpoints, tmp_path, capsys):
     base, tuned_a, _ = checkpoints
-    code = cli_main(["merge", str(base), str(tuned_a), "--out", str(tmp_path / "o"), "--method", "dare_linear",
-                     "--ratio", '{"layers.1": 0.9, "default": 0.5}', "--density", "0.8"])
+    code = cli_main(
+        [
+            "merge",
+            str(base),
+            str(tuned_a),
+            "--out",
+            str(tmp_path / "o"),
+            "--method",
+            "dare_linear",
+            "--ratio",
+            '{"layers.1": 0.9, "default": 0.5}',
+            "--density",
+            "0.8",
+        ]
+    )
     assert code == 0 and capsys.readouterr().out.strip() == str(tmp_path / "o")
-    expected = merge_state_dicts(_state(base), _state(tuned_a), method="dare_linear",
-                                 ratio={"layers.1": 0.9, "default": 0.5}, density=0.8)
+    expected = merge_state_dicts(
+        _state(base),
+        _state(tuned_a),
+        method="dare_linear",
+        ratio={"layers.1": 0.9, "default": 0.5},
+        density=0.8,
+    )
     got = load_file(tmp_path / "o" / "model.safetensors")
     assert all(torch.equal(got[k], expected[k]) for k in got)
 
@@ -95,10 +125,22 @@ def _copy_with(src, dst, edit):
     [
         (lambda t: t.pop("model.norm.weight"), r"missing model\.norm\.weight, extra none"),
         (lambda t: t.update(extra=torch.zeros(2)), r"missing none, extra extra"),
-        (lambda t: t.update({"model.norm.weight": torch.ones(5, dtype=torch.bfloat16)}), r"shape mismatch for model\.norm\.weight"),
-        (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}), r"dtype mismatch for model\.norm\.weight"),
-        (lambda t: t["model.norm.weight"].fill_(float("nan")), r"model\.norm\.weight contains NaN or Inf"),
-        (lambda t: t["model.norm.weight"].__setitem__(3, float("-inf")), r"model\.norm\.weight contains NaN or Inf"),
+        (
+            lambda t: t.update({"model.norm.weight": torch.ones(5, dtype=torch.bfloat16)}),
+            r"shape mismatch for model\.norm\.weight",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}),
+            r"dtype mismatch for model\.norm\.weight",
+        ),
+        (
+            lambda t: t["model.norm.weight"].fill_(float("nan")),
+            r"model\.norm\.weight contains NaN or Inf",
+        ),
+        (
+            lambda t: t["model.norm.weight"].__setitem__(3, float("-inf")),
+            r"model\.norm\.weight contains NaN or Inf",
+        ),
     ],
     ids=["missing", "extra", "shape", "dtype", "nan", "inf"],
 )
@@ -116,7 +158,9 @@ def test_refuses_different_architecture(checkpoints, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["model_type"], config["architectures"] = "mistral", ["MistralForCausalLM"]
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="different architectures.*model_type: 'llama' vs 'mistral'"):
+    with pytest.raises(
+        ValueError, match="different architectures.*model_type: 'llama' vs 'mistral'"
+    ):
         merge_checkpoints(base, other, tmp_path / "out")
 
 
@@ -159,16 +203,32 @@ def test_killed_merge_leaves_no_output_directory(tmp_path):
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     for directory, shift in ((base, 0.0), (tuned, 0.01)):
         directory.mkdir()
-        tensors = {f"model.layers.{i}.w": torch.full((1024, 4096), shift + i, dtype=torch.bfloat16) for i in range(40)}
+        tensors = {
+            f"model.layers.{i}.w": torch.full((1024, 4096), shift + i, dtype=torch.bfloat16)
+            for i in range(40)
+        }
         save_file(tensors, directory / "model.safetensors")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "imm_trl.cli", "merge", str(base), str(tuned), "--out", str(out), "--max-shard-gb", "0.01"]
+    command = [
+        sys.executable,
+        "-m",
+        "imm_trl.cli",
+        "merge",
+        str(base),
+        str(tuned),
+        "--out",
+        str(out),
+        "--max-shard-gb",
+        "0.01",
+    ]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 120
     shards_written = []
     while time.time() < deadline and process.poll() is None and not shards_written:
         partials = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
-        shards_written = [f for p in partials for f in p.glob("*.safetensors") if f.stat().st_size > 0]
+        shards_written = [
+            f for p in partials for f in p.glob("*.safetensors") if f.stat().st_size > 0
+        ]
         time.sleep(0.01)
     assert process.poll() is None, "merge finished before it could be killed"
     process.send_signal(signal.SIGKILL)
@@ -178,4 +238,7 @@ def test_killed_merge_leaves_no_output_directory(tmp_path):
     merge_checkpoints(base, tuned, out, ratio=0.5)
     assert _no_partials(tmp_path)
     merged = load_file(out / "model.safetensors")
-    assert torch.equal(merged["model.layers.3.w"], torch.full((1024, 4096), 3.005, dtype=torch.float32).to(torch.bfloat16))
+    assert torch.equal(
+        merged["model.layers.3.w"],
+        torch.full((1024, 4096), 3.005, dtype=torch.float32).to(torch.bfloat16),
+    )

@@ -37,7 +37,10 @@ def _pair(shape=(37, 53), seed=0, dtype=torch.float64, models=1):
 def _reference_ties(base, tuned, weights, density, ratio):
     """Elementwise TIES in plain Python floats (float64), written from the paper's steps."""
     flat_base = base.reshape(-1).tolist()
-    deltas = [[t - b for t, b in zip(other.reshape(-1).tolist(), flat_base, strict=True)] for other in tuned]
+    deltas = [
+        [t - b for t, b in zip(other.reshape(-1).tolist(), flat_base, strict=True)]
+        for other in tuned
+    ]
     k = int(density * len(flat_base))
     trimmed = []
     for delta in deltas:
@@ -47,7 +50,11 @@ def _reference_ties(base, tuned, weights, density, ratio):
     for i, b in enumerate(flat_base):
         values = [trimmed[m][i] for m in range(len(tuned))]
         elected = 1.0 if sum(values) >= 0 else -1.0
-        agreeing = [w * v for w, v in zip(weights, values, strict=True) if v != 0 and math.copysign(1.0, v) == elected]
+        agreeing = [
+            w * v
+            for w, v in zip(weights, values, strict=True)
+            if v != 0 and math.copysign(1.0, v) == elected
+        ]
         merged = sum(agreeing) / max(len(agreeing), 1)
         out.append(b + ratio * merged)
     return torch.tensor(out, dtype=torch.float64).reshape(base.shape)
@@ -56,7 +63,9 @@ def _reference_ties(base, tuned, weights, density, ratio):
 def test_linear_equals_reference_exactly():
     base, tuned = _pair(models=2)
     weights, ratio = [0.7, 0.4], 0.5
-    got = merge_tensors(base, tuned, method="linear", ratio=ratio, weights=weights, compute_dtype=torch.float64)
+    got = merge_tensors(
+        base, tuned, method="linear", ratio=ratio, weights=weights, compute_dtype=torch.float64
+    )
     expected = base + ratio * ((tuned[0] - base) * weights[0] + (tuned[1] - base) * weights[1])
     assert torch.equal(got, expected)
 
@@ -70,14 +79,31 @@ def test_linear_single_model_bf16_is_fp32_arithmetic_cast_once():
 
 def test_ties_equals_reference_exactly():
     base, tuned = _pair(shape=(9, 11), models=2)
-    got = merge_tensors(base, tuned, method="ties", ratio=0.5, density=0.4, weights=[1.0, 0.5], compute_dtype=torch.float64)
+    got = merge_tensors(
+        base,
+        tuned,
+        method="ties",
+        ratio=0.5,
+        density=0.4,
+        weights=[1.0, 0.5],
+        compute_dtype=torch.float64,
+    )
     assert torch.equal(got, _reference_ties(base, tuned, [1.0, 0.5], 0.4, 0.5))
 
 
 def test_dare_linear_exact_given_mask():
     base, (tuned,) = _pair(shape=(300, 200))
     mask = dare_keep_mask(base.shape, 0.8, seed=3, name="w")
-    got = merge_tensors(base, tuned, method="dare_linear", ratio=0.5, density=0.8, seed=3, name="w", compute_dtype=torch.float64)
+    got = merge_tensors(
+        base,
+        tuned,
+        method="dare_linear",
+        ratio=0.5,
+        density=0.8,
+        seed=3,
+        name="w",
+        compute_dtype=torch.float64,
+    )
     delta = tuned - base
     expected = base + 0.5 * torch.where(mask, delta / 0.8, torch.zeros_like(delta))
     assert torch.equal(got, expected)
@@ -97,11 +123,22 @@ def test_dare_mask_is_deterministic_and_shard_independent():
     full = dare_keep_mask(shape, 0.7, seed=5, name="model.layers.0.mlp.up_proj.weight").reshape(-1)
     again = dare_keep_mask(shape, 0.7, seed=5, name="model.layers.0.mlp.up_proj.weight").reshape(-1)
     assert torch.equal(full, again)
-    for start, count in [(0, 10), (DARE_BLOCK - 5, 11), (12345, 2 * DARE_BLOCK + 3), (full.numel() - 9, 9)]:
-        part = dare_keep_mask((count,), 0.7, seed=5, name="model.layers.0.mlp.up_proj.weight", start=start)
+    for start, count in [
+        (0, 10),
+        (DARE_BLOCK - 5, 11),
+        (12345, 2 * DARE_BLOCK + 3),
+        (full.numel() - 9, 9),
+    ]:
+        part = dare_keep_mask(
+            (count,), 0.7, seed=5, name="model.layers.0.mlp.up_proj.weight", start=start
+        )
         assert torch.equal(part, full[start : start + count])
-    other_name = dare_keep_mask(shape, 0.7, seed=5, name="model.layers.1.mlp.up_proj.weight").reshape(-1)
-    other_seed = dare_keep_mask(shape, 0.7, seed=6, name="model.layers.0.mlp.up_proj.weight").reshape(-1)
+    other_name = dare_keep_mask(
+        shape, 0.7, seed=5, name="model.layers.1.mlp.up_proj.weight"
+    ).reshape(-1)
+    other_seed = dare_keep_mask(
+        shape, 0.7, seed=6, name="model.layers.0.mlp.up_proj.weight"
+    ).reshape(-1)
     assert (full != other_name).float().mean() > 0.3 and (full != other_seed).float().mean() > 0.3
 
 
@@ -130,7 +167,15 @@ def test_dare_propagates_non_finite_dropped_elements():
 
 def test_sharded_merge_equals_whole_merge():
     base, tuned = _pair(shape=(DARE_BLOCK // 512 + 3, 1024), dtype=torch.float32, models=2)
-    settings = dict(method="dare_ties", ratio=0.5, density=0.6, seed=1, weights=[1.0, 1.0], name="t", compute_dtype=torch.float32)
+    settings = dict(
+        method="dare_ties",
+        ratio=0.5,
+        density=0.6,
+        seed=1,
+        weights=[1.0, 1.0],
+        name="t",
+        compute_dtype=torch.float32,
+    )
     whole = merge_tensors(base, tuned, **settings).reshape(-1)
     flat_base, flat_tuned = base.reshape(-1), [t.reshape(-1) for t in tuned]
     cut = 777_777
@@ -149,12 +194,19 @@ def test_matches_peft_merge_utils_where_definitions_agree():
     assert torch.equal(
         combine_deltas(deltas, method="linear", weights=weights),
         merge_utils.task_arithmetic(deltas, peft_weights),
-    ) or torch.allclose(combine_deltas(deltas, method="linear", weights=weights), merge_utils.task_arithmetic(deltas, peft_weights), rtol=0, atol=1e-7)
+    ) or torch.allclose(
+        combine_deltas(deltas, method="linear", weights=weights),
+        merge_utils.task_arithmetic(deltas, peft_weights),
+        rtol=0,
+        atol=1e-7,
+    )
     assert torch.equal(
         combine_deltas(deltas, method="ties", weights=weights, density=0.3),
         merge_utils.ties(deltas, peft_weights, density=0.3),
     )
-    assert torch.equal(magnitude_prune(deltas[0], 0.3), merge_utils.magnitude_based_pruning(deltas[0], 0.3))
+    assert torch.equal(
+        magnitude_prune(deltas[0], 0.3), merge_utils.magnitude_based_pruning(deltas[0], 0.3)
+    )
     # DARE: PEFT draws its mask from the global RNG; given the same mask, the results agree.
     torch.manual_seed(0)
     peft_pruned = merge_utils.random_pruning(deltas[0], 0.8, rescale=True)
@@ -183,20 +235,29 @@ def test_merge_state_dicts_merges_tied_entries_once():
             param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
     base, tuned = base_model.state_dict(), tuned_model.state_dict()
     emb, head = "model.embed_tokens.weight", "lm_head.weight"
-    assert base[head].data_ptr() == base[emb].data_ptr() and tuned[head].data_ptr() == tuned[emb].data_ptr()
+    assert (
+        base[head].data_ptr() == base[emb].data_ptr()
+        and tuned[head].data_ptr() == tuned[emb].data_ptr()
+    )
     merged = merge_state_dicts(base, tuned, method="dare_linear", ratio=0.5, density=0.5, seed=2)
     assert merged[head] is merged[emb]  # still one tensor, merged once with the first name's mask
-    expected = merge_tensors(base[emb], tuned[emb], method="dare_linear", ratio=0.5, density=0.5, seed=2, name=emb)
+    expected = merge_tensors(
+        base[emb], tuned[emb], method="dare_linear", ratio=0.5, density=0.5, seed=2, name=emb
+    )
     assert torch.equal(merged[emb], expected)
     # Equal untied copies in the tuned dict are fine; different ones are refused.
-    assert torch.equal(merge_state_dicts(base, {**tuned, head: tuned[head].clone()}, ratio=0.5)[head],
-                       merge_state_dicts(base, tuned, ratio=0.5)[emb])
+    assert torch.equal(
+        merge_state_dicts(base, {**tuned, head: tuned[head].clone()}, ratio=0.5)[head],
+        merge_state_dicts(base, tuned, ratio=0.5)[emb],
+    )
     with pytest.raises(ValueError, match="tied in the base state dict"):
         merge_state_dicts(base, {**tuned, head: tuned[head] + 1.0}, ratio=0.5)
 
 
 def test_ratio_map_patterns_first_match_wins():
-    ratio_map = parse_ratio({"layers.3": 0.9, "layers.0-7": 0.3, "*.q_proj.*": 0.2, "lm_head": 0.7, "default": 0.5})
+    ratio_map = parse_ratio(
+        {"layers.3": 0.9, "layers.0-7": 0.3, "*.q_proj.*": 0.2, "lm_head": 0.7, "default": 0.5}
+    )
     assert ratio_map.ratio_for("model.layers.3.mlp.up_proj.weight") == 0.9
     assert ratio_map.ratio_for("model.layers.13.mlp.up_proj.weight") == 0.5  # 13 is not in 0-7
     assert ratio_map.ratio_for("model.layers.4.self_attn.q_proj.weight") == 0.3
@@ -221,7 +282,10 @@ def test_per_iteration_schedule():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="dare"), "unknown merge method 'dare'; choose one of: linear, dare_linear, ties, dare_ties"),
+        (
+            dict(method="dare"),
+            "unknown merge method 'dare'; choose one of: linear, dare_linear, ties, dare_ties",
+        ),
         (dict(method="ties", density=0.0), r"density must be in \(0, 1\]"),
         (dict(method="ties", density=1.5), r"density must be in \(0, 1\]"),
         (dict(ratio={"layers.7-3": 0.3, "default": 0.5}), "end 3 is below the start 7"),

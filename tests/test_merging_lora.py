@@ -36,7 +36,9 @@ def _lora_deltas(peft_model, scaling):
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             key = name.removeprefix("base_model.model.") + ".weight"
-            deltas[key] = scaling * module.lora_B["default"].weight @ module.lora_A["default"].weight
+            deltas[key] = (
+                scaling * module.lora_B["default"].weight @ module.lora_A["default"].weight
+            )
     return deltas
 
 
@@ -52,7 +54,9 @@ def _base_weights(peft_model):
 def test_lora_merger_matches_dense_formula_over_two_iterations(use_rslora):
     model, _ = tiny_model(seed=0)
     r, lora_alpha, alpha = 4, 8, 0.5
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=TARGETS, use_rslora=use_rslora))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=TARGETS, use_rslora=use_rslora)
+    )
     scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
     theta0 = _base_weights(peft_model)
     merger = LoraMerger(peft_model, MergeConfig(method="linear", ratio=[alpha, 0.8]))
@@ -97,10 +101,14 @@ def test_fan_in_fan_out_conv1d():
     config = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=120, n_positions=64)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
     theta0 = _base_weights(peft_model)
     _randomize_lora_b(peft_model, seed=2)
-    deltas = {k: d.T for k, d in _lora_deltas(peft_model, scaling=1.0).items()}  # Conv1D stores (in, out)
+    deltas = {
+        k: d.T for k, d in _lora_deltas(peft_model, scaling=1.0).items()
+    }  # Conv1D stores (in, out)
     LoraMerger(peft_model, MergeConfig(ratio=0.5)).merge(peft_model)
     got = _base_weights(peft_model)
     for key, delta in deltas.items():
@@ -109,11 +117,15 @@ def test_fan_in_fan_out_conv1d():
 
 def test_tied_embeddings_lora_on_embedding_updates_lm_head():
     model, _ = tiny_model(seed=0, tie_word_embeddings=True)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    )
     theta0 = peft_model.get_input_embeddings().base_layer.weight.detach().clone()
     _randomize_lora_b(peft_model, seed=3)
     emb = peft_model.get_input_embeddings()
-    delta = (emb.lora_embedding_B["default"] @ emb.lora_embedding_A["default"]).T * emb.scaling["default"]
+    delta = (emb.lora_embedding_B["default"] @ emb.lora_embedding_A["default"]).T * emb.scaling[
+        "default"
+    ]
     LoraMerger(peft_model, MergeConfig(ratio=0.5)).merge(peft_model)
     merged = emb.base_layer.weight
     assert torch.allclose(merged, theta0 + 0.5 * delta, atol=1e-6)
@@ -122,7 +134,9 @@ def test_tied_embeddings_lora_on_embedding_updates_lm_head():
 
 def test_modules_to_save_merged_at_ratio():
     model, _ = tiny_model(seed=0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     wrapper = peft_model.base_model.model.lm_head
     theta0 = wrapper.original_module.weight.detach().clone()
     with torch.no_grad():
@@ -146,7 +160,11 @@ def test_theta0_read_from_safetensors_dir_equals_cpu_copy(tmp_path):
     for theta0_dir in (None, tmp_path):
         torch.manual_seed(0)  # same lora_A init in both runs
         peft_model = get_peft_model(tiny_model(seed=0)[0], LoraConfig(r=4, target_modules=TARGETS))
-        merger = LoraMerger(peft_model, MergeConfig(method="dare_linear", ratio=0.5, density=0.7), theta0_dir=theta0_dir)
+        merger = LoraMerger(
+            peft_model,
+            MergeConfig(method="dare_linear", ratio=0.5, density=0.7),
+            theta0_dir=theta0_dir,
+        )
         _randomize_lora_b(peft_model, seed=4)
         merger.merge(peft_model)
         runs.append((_base_weights(peft_model), merger.theta0_bytes()))
@@ -160,7 +178,9 @@ def test_theta0_is_the_loaders_storage_and_the_model_gets_a_copy(tmp_path):
     loaded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # safetensors, mapped
     on_disk = load_file(tmp_path / "model.safetensors")
     peft_model = get_peft_model(loaded, LoraConfig(r=4, target_modules=TARGETS))
-    before = {id(m.base_layer.weight): m.base_layer.weight.data_ptr() for m in _lora_layers(peft_model)}
+    before = {
+        id(m.base_layer.weight): m.base_layer.weight.data_ptr() for m in _lora_layers(peft_model)
+    }
     merger = LoraMerger(peft_model, MergeConfig(ratio=0.5))
     for target in merger.targets.values():
         weight = target.base_layer.weight
@@ -179,7 +199,9 @@ def test_theta0_is_the_loaders_storage_and_the_model_gets_a_copy(tmp_path):
 def test_weights_sharing_memory_are_merged_once_and_stay_shared():
     model, _ = tiny_model(seed=0)
     layers = model.model.layers
-    layers[1].self_attn.q_proj.weight = torch.nn.Parameter(layers[0].self_attn.q_proj.weight.data)  # same memory
+    layers[1].self_attn.q_proj.weight = torch.nn.Parameter(
+        layers[0].self_attn.q_proj.weight.data
+    )  # same memory
     theta0 = layers[0].self_attn.q_proj.weight.detach().clone()
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
     merger = LoraMerger(peft_model, MergeConfig(ratio=0.5))
@@ -208,7 +230,9 @@ def test_qlora_error_does_not_accumulate_over_five_iterations(tmp_path):
     original, _ = tiny_model(seed=0)
     original.save_pretrained(tmp_path)
     quantized = LlamaForCausalLM.from_pretrained(
-        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), dtype=torch.float32
+        tmp_path,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        dtype=torch.float32,
     )
     peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     # theta0 = the unquantized original weights, read from its safetensors at each merge.
@@ -216,24 +240,35 @@ def test_qlora_error_does_not_accumulate_over_five_iterations(tmp_path):
     targets = list(merger.targets.values())
     theta0 = {t.name: original.state_dict()[t.name].to(torch.bfloat16) for t in targets}
     reference = dict(theta0)  # bf16 dense IMM run fed the same adapters
-    naive = {t.name: dequantize(t.base_layer).float() for t in targets}  # merge into the 4-bit weights
+    naive = {
+        t.name: dequantize(t.base_layer).float() for t in targets
+    }  # merge into the 4-bit weights
     errors, naive_errors = [], []
     for iteration in range(1, 6):
         _randomize_lora_b(peft_model, seed=10 + iteration, std=0.02)
         for t in targets:
             delta = t.layers[0].get_delta_weight("default").float()
             base = theta0[t.name].float()
-            reference[t.name] = (base + 0.5 * (reference[t.name].float() + delta - base)).to(torch.bfloat16)
+            reference[t.name] = (base + 0.5 * (reference[t.name].float() + delta - base)).to(
+                torch.bfloat16
+            )
             naive[t.name] = _requantize_nf4(base + 0.5 * (naive[t.name] + delta - base))
         merger.merge(peft_model, iteration=iteration)
-        assert all(torch.equal(t.master, reference[t.name]) for t in targets)  # the master never drifts
-        errors.append(_norm([dequantize(t.base_layer).float() - reference[t.name].float() for t in targets]))
+        assert all(
+            torch.equal(t.master, reference[t.name]) for t in targets
+        )  # the master never drifts
+        errors.append(
+            _norm([dequantize(t.base_layer).float() - reference[t.name].float() for t in targets])
+        )
         naive_errors.append(_norm([naive[t.name] - reference[t.name].float() for t in targets]))
     # Each merge is a fresh quantization of a different matrix, so its error wobbles by ~0.1%;
     # merging into the 4-bit weights instead (no master) carries rounding from one iteration
     # into the next: its error grows and ends above ours (alpha < 1 damps the growth).
     assert errors[-1] <= errors[0] * 1.005, errors
-    assert naive_errors[-1] > naive_errors[0] and naive_errors[-1] > errors[-1], (errors, naive_errors)
+    assert naive_errors[-1] > naive_errors[0] and naive_errors[-1] > errors[-1], (
+        errors,
+        naive_errors,
+    )
 
 
 def _norm(tensors):
@@ -254,16 +289,22 @@ def test_full_weight_merger_matches_state_dict_merge(tmp_path):
     twin = copy.deepcopy(model)
     merger_cpu.merge(model, iteration=1)
     merger_disk.merge(twin, iteration=1)
-    expected = merge_state_dicts(theta0, tuned, method="dare_linear", ratio=config.ratio, density=0.9, seed=1)
+    expected = merge_state_dicts(
+        theta0, tuned, method="dare_linear", ratio=config.ratio, density=0.9, seed=1
+    )
     got, got_disk = model.state_dict(), twin.state_dict()
     for key in expected:
-        assert torch.equal(got[key], expected[key]) and torch.equal(got_disk[key], expected[key]), key
+        assert torch.equal(got[key], expected[key]) and torch.equal(got_disk[key], expected[key]), (
+            key
+        )
 
 
 def test_full_weight_merger_merges_memory_shared_parameters_once():
     model, _ = tiny_model(seed=0)
     layers = model.model.layers
-    layers[1].mlp.up_proj.weight = torch.nn.Parameter(layers[0].mlp.up_proj.weight.data)  # same memory
+    layers[1].mlp.up_proj.weight = torch.nn.Parameter(
+        layers[0].mlp.up_proj.weight.data
+    )  # same memory
     name = "model.layers.0.mlp.up_proj.weight"
     theta0 = layers[0].mlp.up_proj.weight.detach().clone()
     merger = FullWeightMerger(model, MergeConfig(method="dare_linear", ratio=0.5, density=0.5))
@@ -271,6 +312,8 @@ def test_full_weight_merger_merges_memory_shared_parameters_once():
         layers[0].mlp.up_proj.weight.add_(0.1)
     tuned = layers[0].mlp.up_proj.weight.detach().clone()
     merger.merge(model, iteration=1)
-    expected = merge_tensors(theta0, tuned, method="dare_linear", ratio=0.5, density=0.5, seed=1, name=name)
+    expected = merge_tensors(
+        theta0, tuned, method="dare_linear", ratio=0.5, density=0.5, seed=1, name=name
+    )
     assert layers[1].mlp.up_proj.weight.data_ptr() == layers[0].mlp.up_proj.weight.data_ptr()
     assert torch.equal(layers[0].mlp.up_proj.weight, expected)

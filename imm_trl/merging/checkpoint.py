@@ -99,14 +99,22 @@ def merge_checkpoints(
     check_density(density)
     ratio_map = parse_ratio(ratio)
     base_dir = Path(base_dir)
-    tuned_list = [Path(tuned_dirs)] if isinstance(tuned_dirs, (str, os.PathLike)) else [Path(p) for p in tuned_dirs]
+    tuned_list = (
+        [Path(tuned_dirs)]
+        if isinstance(tuned_dirs, (str, os.PathLike))
+        else [Path(p) for p in tuned_dirs]
+    )
     if not tuned_list:
         raise ValueError("merge_checkpoints needs at least one tuned checkpoint directory")
     if weights is not None and len(weights) != len(tuned_list):
-        raise ValueError(f"got {len(weights)} weights for {len(tuned_list)} tuned checkpoints; give one per checkpoint")
+        raise ValueError(
+            f"got {len(weights)} weights for {len(tuned_list)} tuned checkpoints; give one per checkpoint"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} exists; choose another or pass overwrite=True (CLI: --overwrite)")
+        raise FileExistsError(
+            f"output directory {out_dir} exists; choose another or pass overwrite=True (CLI: --overwrite)"
+        )
     for tuned in tuned_list:
         check_same_architecture(base_dir, tuned)
 
@@ -116,10 +124,20 @@ def merge_checkpoints(
         planned = plan_merge(base, tuned_readers, tuned_list)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(out_dir)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL_MARKER}{os.getpid()}-", dir=out_dir.parent))
+        staging = Path(
+            tempfile.mkdtemp(
+                prefix=f".{out_dir.name}{PARTIAL_MARKER}{os.getpid()}-", dir=out_dir.parent
+            )
+        )
         try:
             writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes, fsync=fsync)
-            settings = dict(method=method, density=density, seed=seed, weights=weights, compute_dtype=compute_dtype)
+            settings = dict(
+                method=method,
+                density=density,
+                seed=seed,
+                weights=weights,
+                compute_dtype=compute_dtype,
+            )
             stream_merge(base, tuned_readers, planned, writer, ratio_map, settings)
             writer.finish()
             copy_model_files(base_dir, staging)
@@ -157,7 +175,9 @@ def check_same_architecture(base_dir: Path, tuned_dir: Path) -> None:
         )
 
 
-def plan_merge(base: CheckpointReader, tuned: list[CheckpointReader], tuned_dirs: list[Path]) -> list[PlannedTensor]:
+def plan_merge(
+    base: CheckpointReader, tuned: list[CheckpointReader], tuned_dirs: list[Path]
+) -> list[PlannedTensor]:
     """The output tensors (base's names, dtypes and shapes), after checking that every tuned
     checkpoint has exactly the same tensors with the same shapes and dtypes."""
     base_names = base.names()
@@ -175,7 +195,9 @@ def plan_merge(base: CheckpointReader, tuned: list[CheckpointReader], tuned_dirs
             base_dtype, base_shape = base.dtype_and_shape(name)
             dtype, shape = reader.dtype_and_shape(name)
             if shape != base_shape:
-                raise ValueError(f"shape mismatch for {name}: base {base_shape}, {directory} {shape}")
+                raise ValueError(
+                    f"shape mismatch for {name}: base {base_shape}, {directory} {shape}"
+                )
             if dtype != base_dtype:
                 raise ValueError(
                     f"dtype mismatch for {name}: base {base_dtype}, {directory} {dtype}; save both "
@@ -191,11 +213,15 @@ def _few(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def merge_one(name: str, base: torch.Tensor, tuned: list[torch.Tensor], ratio: float, settings: dict) -> torch.Tensor:
+def merge_one(
+    name: str, base: torch.Tensor, tuned: list[torch.Tensor], ratio: float, settings: dict
+) -> torch.Tensor:
     """Merge one tensor read from disk and refuse a non-finite result."""
     if not base.is_floating_point():
         if any(not torch.equal(base, other) for other in tuned):
-            raise ValueError(f"integer tensor {name} differs between checkpoints; it cannot be merged")
+            raise ValueError(
+                f"integer tensor {name} differs between checkpoints; it cannot be merged"
+            )
         return base
     merged = merge_tensors(base, tuned, ratio=ratio, name=name, **settings)
     _refuse_non_finite(name, merged)
@@ -213,7 +239,9 @@ class WorkUnit:
     whole: bool
 
 
-def plan_units(planned: list[PlannedTensor], method: str, chunk: int = STREAM_CHUNK) -> list[WorkUnit]:
+def plan_units(
+    planned: list[PlannedTensor], method: str, chunk: int = STREAM_CHUNK
+) -> list[WorkUnit]:
     """Split every tensor into streamable pieces of at most `chunk` elements."""
     units = []
     for tensor in planned:
@@ -221,7 +249,10 @@ def plan_units(planned: list[PlannedTensor], method: str, chunk: int = STREAM_CH
         if method == "ties" or not tensor.dtype.is_floating_point:
             units.append(WorkUnit(tensor, 0, numel, whole=True))
             continue
-        units.extend(WorkUnit(tensor, start, min(chunk, numel - start), whole=False) for start in range(0, numel, chunk))
+        units.extend(
+            WorkUnit(tensor, start, min(chunk, numel - start), whole=False)
+            for start in range(0, numel, chunk)
+        )
     return units
 
 
@@ -287,8 +318,15 @@ def stream_merge(
             reader.read_range_into(name, unit.start, buffer)
         masks = None
         if draws_masks:  # NumPy draws them without the GIL, beside the merge of the last piece
-            masks = dare_masks(unit.count, settings["density"], settings["seed"], name, unit.start,
-                               len(tuned), out=buffers.mask_views(unit.count))
+            masks = dare_masks(
+                unit.count,
+                settings["density"],
+                settings["seed"],
+                name,
+                unit.start,
+                len(tuned),
+                out=buffers.mask_views(unit.count),
+            )
         return buffers, base_buffer, tuned_buffers, masks
 
     def write(unit: WorkUnit, merged: torch.Tensor, buffers: BufferSet | None) -> None:
@@ -296,7 +334,10 @@ def stream_merge(
         if buffers is not None:
             free.put(buffers)
 
-    with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
+    with (
+        ThreadPoolExecutor(max_workers=1) as reader_pool,
+        ThreadPoolExecutor(max_workers=1) as writer_pool,
+    ):
         try:
             pending_write: Future | None = None
             next_read = reader_pool.submit(read, units[0]) if units else None
@@ -309,7 +350,9 @@ def stream_merge(
                     merged = merge_one(unit.tensor.name, base_piece, tuned_pieces, ratio, settings)
                 else:
                     out = buffers.views(unit.tensor.dtype, unit.count)[-1]
-                    merged = merge_piece(unit, base_piece, tuned_pieces, out, ratio, settings, scratch, masks)
+                    merged = merge_piece(
+                        unit, base_piece, tuned_pieces, out, ratio, settings, scratch, masks
+                    )
                 if pending_write is not None:
                     pending_write.result()
                 pending_write = writer_pool.submit(write, unit, merged, buffers)
@@ -320,8 +363,16 @@ def stream_merge(
             raise
 
 
-def merge_piece(unit: WorkUnit, base: torch.Tensor, tuned: list[torch.Tensor], out: torch.Tensor,
-                ratio: float, settings: dict, scratch: Scratch, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+def merge_piece(
+    unit: WorkUnit,
+    base: torch.Tensor,
+    tuned: list[torch.Tensor],
+    out: torch.Tensor,
+    ratio: float,
+    settings: dict,
+    scratch: Scratch,
+    masks: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Merge one streamed piece (elementwise methods) into `out` and refuse NaN/Inf; `masks`
     are the piece's DARE masks when already drawn."""
     weights = settings["weights"]
@@ -329,9 +380,18 @@ def merge_piece(unit: WorkUnit, base: torch.Tensor, tuned: list[torch.Tensor], o
     for begin in range(0, unit.count, MERGE_CHUNK):
         end = min(begin + MERGE_CHUNK, unit.count)
         merge_flat(
-            base[begin:end], [t[begin:end] for t in tuned], method=settings["method"], ratio=ratio,
-            density=settings["density"], seed=settings["seed"], weights=weights, name=unit.tensor.name,
-            compute_dtype=settings["compute_dtype"], start=unit.start + begin, out=out[begin:end], scratch=scratch,
+            base[begin:end],
+            [t[begin:end] for t in tuned],
+            method=settings["method"],
+            ratio=ratio,
+            density=settings["density"],
+            seed=settings["seed"],
+            weights=weights,
+            name=unit.tensor.name,
+            compute_dtype=settings["compute_dtype"],
+            start=unit.start + begin,
+            out=out[begin:end],
+            scratch=scratch,
             masks=None if masks is None else [mask[begin:end] for mask in masks],
         )
     _refuse_non_finite(unit.tensor.name, out)
@@ -353,7 +413,11 @@ def _refuse_non_finite(name: str, merged: torch.Tensor) -> None:
 def copy_model_files(base_dir: Path, out_dir: Path) -> None:
     """Copy config, generation config, tokenizer and other small files (not weights)."""
     for path in base_dir.iterdir():
-        if not path.is_file() or path.suffix == ".safetensors" or path.suffix in PICKLE_WEIGHT_SUFFIXES:
+        if (
+            not path.is_file()
+            or path.suffix == ".safetensors"
+            or path.suffix in PICKLE_WEIGHT_SUFFIXES
+        ):
             continue
         if path.name.endswith(".index.json"):
             continue
@@ -384,7 +448,9 @@ def publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
     staging.chmod(0o755)
     if out_dir.exists():
         if not overwrite:
-            raise FileExistsError(f"output directory {out_dir} appeared during the merge; not replacing it")
+            raise FileExistsError(
+                f"output directory {out_dir} appeared during the merge; not replacing it"
+            )
         retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         retired.rmdir()
         out_dir.rename(retired)

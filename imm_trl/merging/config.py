@@ -51,8 +51,15 @@ def check_density(density: float) -> float:
 
 def check_ratio_value(value: float, where: str = "ratio") -> float:
     """Return `value` as float if it is a finite number >= 0, else raise a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where} must be a finite number >= 0 (the merge ratio alpha), got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"{where} must be a finite number >= 0 (the merge ratio alpha), got {value!r}"
+        )
     return float(value)
 
 
@@ -107,7 +114,9 @@ def parse_ratio_rule(key: str, value: float) -> RatioRule:
     else:
         last = int(match["end"]) if match["end"] is not None else None
     if last is not None and last < first:
-        raise ValueError(f"bad layer range {key!r}: the end {last} is below the start {first}; write 'layers.{last}-{first}'")
+        raise ValueError(
+            f"bad layer range {key!r}: the end {last} is below the start {first}; write 'layers.{last}-{first}'"
+        )
     return RatioRule(key=key, ratio=ratio, prefix=match["prefix"], first=first, last=last)
 
 
@@ -166,7 +175,11 @@ def check_schedule(schedule: RatioSchedule, iterations: int | None = None) -> No
     entries = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule]
     for entry in entries:
         parse_ratio(entry)
-    if isinstance(schedule, (list, tuple)) and iterations is not None and len(schedule) != iterations:
+    if (
+        isinstance(schedule, (list, tuple))
+        and iterations is not None
+        and len(schedule) != iterations
+    ):
         raise ValueError(
             f"the ratio schedule has {len(schedule)} entries for {iterations} iterations; "
             "give exactly one per iteration"
@@ -217,7 +230,9 @@ class MergeConfig:
         import torch
 
         if not isinstance(getattr(torch, self.compute_dtype, None), torch.dtype):
-            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not a torch dtype; use e.g. 'float32'")
+            raise ValueError(
+                f"compute_dtype {self.compute_dtype!r} is not a torch dtype; use e.g. 'float32'"
+            )
 
     @property
     def torch_compute_dtype(self):

@@ -65,7 +65,9 @@ def block_random_lanes(block: int, seed: int, name: str, count: int = DARE_BLOCK
         `np.ndarray`: `count` uint16 values.
     """
     entropy = [*name_key(seed, name), block & 0xFFFFFFFF, block >> 32]
-    words = np.random.SFC64(np.random.SeedSequence(entropy)).random_raw(-(-count // _LANES_PER_WORD))
+    words = np.random.SFC64(np.random.SeedSequence(entropy)).random_raw(
+        -(-count // _LANES_PER_WORD)
+    )
     return words.astype("<u8", copy=False).view(DARE_LANE_DTYPE)[:count]
 
 
@@ -285,7 +287,9 @@ def combine_deltas(
     elif method == "ties":
         deltas = [magnitude_prune(d, density) for d in deltas]
     else:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+        raise ValueError(
+            f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}"
+        )
     stacked = torch.stack(list(deltas), dim=0)
     agree = majority_sign_mask(stacked)
     weight_column = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
@@ -318,7 +322,9 @@ def dare_masks(
     """
     outs = list(out) if out is not None else [None] * models
     return [
-        dare_keep_mask((count,), density, seed, name if i == 0 else f"{name}#{i}", start, out=outs[i])
+        dare_keep_mask(
+            (count,), density, seed, name if i == 0 else f"{name}#{i}", start, out=outs[i]
+        )
         for i in range(models)
     ]
 
@@ -369,8 +375,15 @@ def merge_flat(
     if masks is None and method in ("dare_linear", "dare_ties") and density < 1.0:
         masks = dare_masks(count, density, seed, name, start, len(tuned), out=scratch.masks)
     delta = combine_deltas(
-        deltas, method=method, weights=weights, density=density, seed=seed, name=name, start=start,
-        masks=masks, inplace=True,
+        deltas,
+        method=method,
+        weights=weights,
+        density=density,
+        seed=seed,
+        name=name,
+        start=start,
+        masks=masks,
+        inplace=True,
     )
     if out is None:
         out = torch.empty_like(base)
@@ -448,8 +461,13 @@ def merge_tensors(
             )
     weights = [1.0] * len(tuned_list) if weights is None else [float(w) for w in weights]
     settings = dict(
-        method=method, ratio=float(ratio), density=float(density), seed=seed, weights=weights,
-        name=name, compute_dtype=compute_dtype,
+        method=method,
+        ratio=float(ratio),
+        density=float(density),
+        seed=seed,
+        weights=weights,
+        name=name,
+        compute_dtype=compute_dtype,
     )
     if method == "ties" or base.numel() <= MERGE_CHUNK:
         return merge_flat(base, tuned_list, **settings)
@@ -460,8 +478,12 @@ def merge_tensors(
     for begin in range(0, flat_base.numel(), MERGE_CHUNK):
         end = min(begin + MERGE_CHUNK, flat_base.numel())
         merge_flat(
-            flat_base[begin:end], [t[begin:end] for t in flat_tuned], start=begin,
-            out=out[begin:end], scratch=scratch, **settings,
+            flat_base[begin:end],
+            [t[begin:end] for t in flat_tuned],
+            start=begin,
+            out=out[begin:end],
+            scratch=scratch,
+            **settings,
         )
     return out.reshape(base.shape)
 
@@ -499,9 +521,21 @@ def merge_into_(
     """
     theta0 = theta0.to(current.device)
     if method not in ("linear", "dare_linear"):
-        tuned = current.to(compute_dtype) if update is None else current.to(compute_dtype) + update.to(compute_dtype)
-        merged = merge_tensors(theta0.to(current.dtype), tuned, method=method, ratio=ratio, density=density,
-                               seed=seed, name=name, compute_dtype=compute_dtype)
+        tuned = (
+            current.to(compute_dtype)
+            if update is None
+            else current.to(compute_dtype) + update.to(compute_dtype)
+        )
+        merged = merge_tensors(
+            theta0.to(current.dtype),
+            tuned,
+            method=method,
+            ratio=ratio,
+            density=density,
+            seed=seed,
+            name=name,
+            compute_dtype=compute_dtype,
+        )
         return current.copy_(merged)
     if current.dtype == compute_dtype:
         # Already in the compute dtype: work on the tensor itself, a few whole-tensor ops.
@@ -510,7 +544,11 @@ def merge_into_(
         base = theta0.to(compute_dtype)
         current.sub_(base)
         if method == "dare_linear" and density < 1.0:
-            dare_prune_(current, dare_keep_mask(current.shape, density, seed, name, device=current.device), density)
+            dare_prune_(
+                current,
+                dare_keep_mask(current.shape, density, seed, name, device=current.device),
+                density,
+            )
         return current.mul_(ratio).add_(base)
     flat = current.view(-1)
     flat_theta0 = theta0.reshape(-1)
@@ -527,7 +565,9 @@ def merge_into_(
             tuned.add_(update_work[: end - begin].copy_(flat_update[begin:end]))
         tuned.sub_(base)
         if method == "dare_linear" and density < 1.0:
-            keep = dare_keep_mask((end - begin,), density, seed, name, begin, current.device, out=mask_work)
+            keep = dare_keep_mask(
+                (end - begin,), density, seed, name, begin, current.device, out=mask_work
+            )
             dare_prune_(tuned, keep, density)
         flat[begin:end].copy_(tuned.mul_(ratio).add_(base))
     return current

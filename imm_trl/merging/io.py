@@ -110,7 +110,9 @@ class CheckpointReader:
             return
         pickled = pickle_files(self.model_dir)
         if not pickled:
-            raise FileNotFoundError(f"{self.model_dir} has no *.safetensors (or *.bin) weight files")
+            raise FileNotFoundError(
+                f"{self.model_dir} has no *.safetensors (or *.bin) weight files"
+            )
         if not allow_pickle:
             raise ValueError(
                 f"{self.model_dir} holds only pickle weight files ({', '.join(p.name for p in pickled)}); "
@@ -203,7 +205,9 @@ class PlannedTensor:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
-def plan_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+def plan_shards(
+    tensors: Iterable[PlannedTensor], max_shard_bytes: int
+) -> list[list[PlannedTensor]]:
     """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets
     a shard of its own)."""
     shards: list[list[PlannedTensor]] = [[]]
@@ -244,7 +248,9 @@ class ShardedSafetensorsWriter:
     """Writes planned tensors into sharded safetensors files, one tensor at a time, in plan
     order, then the index. `write` must be called in the planned order."""
 
-    def __init__(self, out_dir: Path, planned: list[PlannedTensor], max_shard_bytes: int, fsync: bool = True):
+    def __init__(
+        self, out_dir: Path, planned: list[PlannedTensor], max_shard_bytes: int, fsync: bool = True
+    ):
         self.out_dir = out_dir
         self.shards = plan_shards(planned, max_shard_bytes)
         self.file_names = shard_file_names(len(self.shards))
@@ -268,9 +274,13 @@ class ShardedSafetensorsWriter:
         planned = self._planned
         nbytes = tensor.numel() * tensor.element_size()
         if planned.name != name or planned.dtype != tensor.dtype or nbytes > self._remaining:
-            raise RuntimeError(f"writer expected (part of) {planned}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+            raise RuntimeError(
+                f"writer expected (part of) {planned}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
         if nbytes:
-            self._handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            self._handle.write(
+                memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            )
         self._remaining -= nbytes
 
     def _open_shard(self, shard_index: int) -> None:
@@ -296,7 +306,9 @@ class ShardedSafetensorsWriter:
         self._close_shard()
         if len(self.shards) > 1:
             weight_map = {
-                tensor.name: self.file_names[i] for i, shard in enumerate(self.shards) for tensor in shard
+                tensor.name: self.file_names[i]
+                for i, shard in enumerate(self.shards)
+                for tensor in shard
             }
             total = sum(tensor.nbytes for shard in self.shards for tensor in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -74,7 +74,11 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
         return weight.detach()
     from peft.utils.integrations import dequantize_bnb_weight
 
-    state = getattr(layer, "state", None) if type(weight).__name__ == "Int8Params" else weight.quant_state
+    state = (
+        getattr(layer, "state", None)
+        if type(weight).__name__ == "Int8Params"
+        else weight.quant_state
+    )
     if type(weight).__name__ == "Int8Params" and state is not None and state.SCB is None:
         state.SCB = weight.SCB
     return dequantize_bnb_weight(weight, state=state)
@@ -101,7 +105,9 @@ def requantize(layer: nn.Module, dense: torch.Tensor) -> None:
 
 def base_parameter_name(module_name: str) -> str:
     """`base_model.model.model.layers.0.q_proj` -> `model.layers.0.q_proj.weight`."""
-    stripped = module_name[len(PEFT_PREFIX) :] if module_name.startswith(PEFT_PREFIX) else module_name
+    stripped = (
+        module_name[len(PEFT_PREFIX) :] if module_name.startswith(PEFT_PREFIX) else module_name
+    )
     return f"{stripped}.weight"
 
 
@@ -148,16 +154,24 @@ class LoraMerger:
                 weight = module.get_base_layer().weight
                 # Keyed by memory, not object: weights tied through shared storage merge once.
                 key = view_key(weight) or id(weight)
-                target = self.targets.setdefault(key, MergeTarget(name=base_parameter_name(module_name)))
+                target = self.targets.setdefault(
+                    key, MergeTarget(name=base_parameter_name(module_name))
+                )
                 target.layers.append(module)
-            elif isinstance(module, ModulesToSaveWrapper) and self.adapter in module.modules_to_save:
+            elif (
+                isinstance(module, ModulesToSaveWrapper) and self.adapter in module.modules_to_save
+            ):
                 self._add_saved_module(module_name, module)
         if not self.targets and not self.saved_modules:
-            raise ValueError(f"the model has no LoRA layers or modules_to_save for adapter {self.adapter!r}")
+            raise ValueError(
+                f"the model has no LoRA layers or modules_to_save for adapter {self.adapter!r}"
+            )
         self._capture_theta0(aliased_tensors(model))
 
     def _has_adapter(self, module) -> bool:
-        return self.adapter in module.lora_A or self.adapter in getattr(module, "lora_embedding_A", {})
+        return self.adapter in module.lora_A or self.adapter in getattr(
+            module, "lora_embedding_A", {}
+        )
 
     def _init_lora_weights(self, model) -> bool | str:
         peft_config = getattr(model, "peft_config", {}).get(self.adapter)
@@ -178,9 +192,13 @@ class LoraMerger:
                 "IMM formula theta0 + alpha*(G - theta0 + dW) does not cover. Use use_dora=False."
             )
         if getattr(module, "merged", False):
-            raise ValueError(f"{module_name} already has an adapter merged in; call unmerge_adapter() first")
+            raise ValueError(
+                f"{module_name} already has an adapter merged in; call unmerge_adapter() first"
+            )
         if self.adapter in getattr(module, "lora_variant", {}):
-            raise ValueError(f"{module_name} uses a LoRA variant ({type(module.lora_variant[self.adapter]).__name__}); only plain LoRA is supported")
+            raise ValueError(
+                f"{module_name} uses a LoRA variant ({type(module.lora_variant[self.adapter]).__name__}); only plain LoRA is supported"
+            )
 
     def _add_saved_module(self, module_name: str, wrapper) -> None:
         trained = dict(wrapper.modules_to_save[self.adapter].named_parameters())
@@ -188,9 +206,18 @@ class LoraMerger:
         for param_name, original in wrapper.original_module.named_parameters():
             if id(trained[param_name]) in seen:
                 continue
-            stripped = module_name[len(PEFT_PREFIX) :] if module_name.startswith(PEFT_PREFIX) else module_name
+            stripped = (
+                module_name[len(PEFT_PREFIX) :]
+                if module_name.startswith(PEFT_PREFIX)
+                else module_name
+            )
             self.saved_modules.append(
-                SavedModuleTarget(name=f"{stripped}.{param_name}", original=original, trained=trained[param_name], theta0=None)
+                SavedModuleTarget(
+                    name=f"{stripped}.{param_name}",
+                    original=original,
+                    trained=trained[param_name],
+                    theta0=None,
+                )
             )
 
     @torch.no_grad()
@@ -203,16 +230,22 @@ class LoraMerger:
                 weight = target.base_layer.weight
                 if reader is not None:
                     if target.name not in set(reader.names()):
-                        raise ValueError(f"theta0_dir {self.theta0_dir} has no tensor {target.name}")
+                        raise ValueError(
+                            f"theta0_dir {self.theta0_dir} has no tensor {target.name}"
+                        )
                     theta0 = None
                 elif target.quantized:
-                    theta0 = dequantize(target.base_layer).to("cpu", dtype=self.master_dtype, copy=True)
+                    theta0 = dequantize(target.base_layer).to(
+                        "cpu", dtype=self.master_dtype, copy=True
+                    )
                 else:
                     theta0 = capture_theta0_(weight, id(weight) in aliased)
                 target.theta0 = theta0
                 if target.quantized:
                     source = reader.read(target.name) if reader is not None else theta0
-                    target.master = source.to(target.base_layer.weight.device, dtype=self.master_dtype, copy=True)
+                    target.master = source.to(
+                        target.base_layer.weight.device, dtype=self.master_dtype, copy=True
+                    )
         finally:
             if reader is not None:
                 reader.close()
@@ -225,7 +258,9 @@ class LoraMerger:
         ratio_map = self.config.ratio_map(iteration)
         reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
         settings = dict(
-            method=self.config.method, density=self.config.density, seed=self.config.seed + iteration,
+            method=self.config.method,
+            density=self.config.density,
+            seed=self.config.seed + iteration,
             compute_dtype=self.config.torch_compute_dtype,
         )
         try:
@@ -233,7 +268,13 @@ class LoraMerger:
                 self._merge_target(target, ratio_map.ratio_for(target.name), reader, settings)
             for saved in self.saved_modules:
                 theta0 = saved.theta0.to(saved.original.device)
-                merged = merge_tensors(theta0, saved.trained.detach(), ratio=ratio_map.ratio_for(saved.name), name=saved.name, **settings)
+                merged = merge_tensors(
+                    theta0,
+                    saved.trained.detach(),
+                    ratio=ratio_map.ratio_for(saved.name),
+                    name=saved.name,
+                    **settings,
+                )
                 saved.original.copy_(merged)
                 saved.trained.copy_(merged)
         finally:
@@ -267,6 +308,8 @@ class LoraMerger:
 
     def theta0_bytes(self) -> int:
         """Memory held for theta0 and master copies, in bytes."""
-        tensors = [t.theta0 for t in self.targets.values()] + [t.master for t in self.targets.values()]
+        tensors = [t.theta0 for t in self.targets.values()] + [
+            t.master for t in self.targets.values()
+        ]
         tensors += [s.theta0 for s in self.saved_modules]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -75,8 +75,15 @@ def merge_state_dicts(
             merged[name] = base_tensor.clone()
             continue
         merged[name] = merge_tensors(
-            base_tensor, tuned_tensors, method=method, ratio=ratio_map.ratio_for(name), density=density,
-            seed=seed, weights=weights, name=name, compute_dtype=compute_dtype,
+            base_tensor,
+            tuned_tensors,
+            method=method,
+            ratio=ratio_map.ratio_for(name),
+            density=density,
+            seed=seed,
+            weights=weights,
+            name=name,
+            compute_dtype=compute_dtype,
         )
     return merged
 
@@ -88,7 +95,9 @@ def view_key(tensor: torch.Tensor) -> tuple | None:
     return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
 
 
-def _check_tied_alike(first: str, name: str, first_tuned: list[torch.Tensor], tuned: list[torch.Tensor]) -> None:
+def _check_tied_alike(
+    first: str, name: str, first_tuned: list[torch.Tensor], tuned: list[torch.Tensor]
+) -> None:
     """Refuse a tuned state dict where two entries tied in the base differ."""
     for index, (a, b) in enumerate(zip(first_tuned, tuned, strict=True)):
         if view_key(a) != view_key(b) and not torch.equal(a, b):
@@ -104,7 +113,13 @@ def aliased_tensors(model: nn.Module) -> set[int]:
     spans = []
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.numel() and tensor.device.type == "cpu":
-            extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)) + 1
+            extent = (
+                sum(
+                    (size - 1) * stride
+                    for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+                )
+                + 1
+            )
             start = tensor.data_ptr()
             spans.append((start, start + extent * tensor.element_size(), id(tensor)))
     spans.sort()
@@ -152,14 +167,17 @@ class FullWeightMerger:
     memory). Tied parameters (one `Parameter`, or several sharing memory) are merged once.
     """
 
-    def __init__(self, model: nn.Module, config: MergeConfig, theta0_dir: str | os.PathLike | None = None):
+    def __init__(
+        self, model: nn.Module, config: MergeConfig, theta0_dir: str | os.PathLike | None = None
+    ):
         self.config = config
         self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
         self._theta0: dict[str, torch.Tensor] = {}
         if self.theta0_dir is None:
             aliased = aliased_tensors(model)
             self._theta0 = {
-                name: capture_theta0_(param, id(param) in aliased) for name, param in model.named_parameters()
+                name: capture_theta0_(param, id(param) in aliased)
+                for name, param in model.named_parameters()
             }
         else:
             with CheckpointReader(self.theta0_dir) as reader:
@@ -184,11 +202,21 @@ class FullWeightMerger:
                 merged.add(key)
                 theta0 = reader.read(name) if reader is not None else self._theta0[name]
                 settings = dict(
-                    method=self.config.method, ratio=ratio_map.ratio_for(name), density=self.config.density,
-                    seed=self.config.seed + iteration, name=name, compute_dtype=self.config.torch_compute_dtype,
+                    method=self.config.method,
+                    ratio=ratio_map.ratio_for(name),
+                    density=self.config.density,
+                    seed=self.config.seed + iteration,
+                    name=name,
+                    compute_dtype=self.config.torch_compute_dtype,
                 )
-                if settings["method"] in ("linear", "dare_linear") and theta0.dtype == param.dtype and param.is_contiguous():
-                    merge_into_(param.data, theta0, **settings)  # in place, no tensor-sized temporaries
+                if (
+                    settings["method"] in ("linear", "dare_linear")
+                    and theta0.dtype == param.dtype
+                    and param.is_contiguous()
+                ):
+                    merge_into_(
+                        param.data, theta0, **settings
+                    )  # in place, no tensor-sized temporaries
                 else:
                     param.copy_(merge_tensors(theta0.to(param.device), param.detach(), **settings))
         finally:
