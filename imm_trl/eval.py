@@ -280,14 +280,18 @@ def load_sampler(
     return HFSampler(model, tokenizer, HFSamplerConfig(show_progress=False))
 
 
-def question_sets_from_args(args: argparse.Namespace) -> dict[str, QuestionSet]:
+def question_sets_from_args(args: argparse.Namespace) -> tuple[dict[str, QuestionSet], int]:
+    """The question sets to evaluate and the token budget per completion (the suite's own,
+    256 for worked GSM8K solutions, or --max-new-tokens)."""
     if args.jsonl is not None:
         from imm_trl.tasks import load_jsonl_questions
 
+        template = args.template or "cot"
         questions = load_jsonl_questions(
-            args.jsonl, limit=args.limit, seed=args.seed, template=args.template or "cot"
+            args.jsonl, limit=args.limit, seed=args.seed, template=template
         )
-        return {questions.name: questions}
+        budget = args.max_new_tokens or (256 if template == "cot" else 64)
+        return {questions.name: questions}, budget
     from imm_trl.tasks import load_suite
 
     suite = load_suite(args.suite, seed=args.seed, n_train=0, n_eval=args.limit or 100)
@@ -295,7 +299,8 @@ def question_sets_from_args(args: argparse.Namespace) -> dict[str, QuestionSet]:
     unknown = set(names) - set(suite.eval_sets)
     if unknown:
         raise SystemExit(f"suite {args.suite!r} has no set(s) {sorted(unknown)}")
-    return {name: suite.eval_sets[name] for name in names}
+    budget = args.max_new_tokens or suite.max_new_tokens
+    return {name: suite.eval_sets[name] for name in names}, budget
 
 
 def format_report_line(name: str, report: dict[str, float]) -> str:
@@ -315,7 +320,7 @@ def format_report_line(name: str, report: dict[str, float]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     """`imm-trl eval`: evaluate a model (or adapter) on a suite's eval sets or a JSONL file."""
-    question_sets = question_sets_from_args(args)
+    question_sets, max_new_tokens = question_sets_from_args(args)
     sampler = load_sampler(args.model_dir, args.adapter, args.sampler, args.dtype)
     reports = {}
     for name, questions in question_sets.items():
@@ -324,7 +329,7 @@ def run_eval(args: argparse.Namespace) -> int:
             questions,
             samples=args.samples,
             temperature=args.temperature if args.samples > 1 else 0.0,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             seed=args.seed,
             bootstrap=args.bootstrap,
         )
@@ -336,9 +341,12 @@ def run_eval(args: argparse.Namespace) -> int:
             "model": str(args.model_dir),
             "adapter": None if args.adapter is None else str(args.adapter),
             "settings": {
-                key: (str(value) if isinstance(value, Path) else value)
-                for key, value in vars(args).items()
-                if key not in ("func", "command")
+                **{
+                    key: (str(value) if isinstance(value, Path) else value)
+                    for key, value in vars(args).items()
+                    if key not in ("func", "command")
+                },
+                "max_new_tokens": max_new_tokens,
             },
             "sets": reports,
         }
@@ -372,7 +380,11 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--temperature", type=float, default=0.8, help="temperature of the k samples"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="tokens per completion (default: the suite's; 256 for JSONL with worked solutions)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="seed of questions and sampling")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")

@@ -172,7 +172,8 @@ def test_score_reports_accuracy_per_family():
     report = score_completions(questions, completions)
     assert report[f"accuracy/{first}"] == 1.0
     assert all(report[f"accuracy/{f}"] == 0.0 for f in families[1:])
-    assert report["accuracy"] == pytest.approx(1 / len(families))
+    first_share = sum(r["family"] == first for r in questions.rows) / len(questions)
+    assert report["accuracy"] == pytest.approx(first_share)
 
 
 def test_bad_gold_counts_as_wrong_and_is_reported():
@@ -264,7 +265,29 @@ def test_eval_command_on_a_saved_tiny_model(tmp_path, capsys):
     assert report["adapter"] is None and report["settings"]["samples"] == 2
     (only,) = report["sets"].values()
     assert only["n"] == 3 and only["samples"] == 2 and "pass@2" in only
+    assert report["settings"]["max_new_tokens"] == 3
     assert "accuracy=" in capsys.readouterr().out
+    # A suite brings its own token budget and set names.
+    args = parser.parse_args(
+        [
+            "eval",
+            str(tmp_path / "model"),
+            "--suite",
+            "default",
+            "--sets",
+            "ood",
+            "--limit",
+            "2",
+            "--bootstrap",
+            "100",
+            "--out",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert list(report["sets"]) == ["ood"] and report["sets"]["ood"]["n"] == 2
+    assert report["settings"]["max_new_tokens"] == load_suite("default", n_eval=2).max_new_tokens
     with pytest.raises(SystemExit):  # --suite and --jsonl exclude each other
         parser.parse_args(["eval", "m", "--suite", "default", "--jsonl", "x.jsonl"])
 
@@ -299,3 +322,17 @@ def test_local_evaluate_modules_match_the_functions():
     assert collapse == pytest.approx(collapse_metrics(groups, "gsm8k"))
     with pytest.raises(ValueError, match="unknown metric"):
         load_metric("accuracy")
+
+
+@pytest.mark.integration
+def test_default_model_follows_the_answer_format_on_the_default_suite(default_model_dir):
+    """The real default model with 3-shot prompts states 'Answer: ...' and is scored; kept to
+    a few questions (greedy, 16 tokens) so that it stays cheap on 2 CPU cores."""
+    from imm_trl.eval import load_sampler
+
+    sampler = load_sampler(default_model_dir, backend="hf")
+    questions = load_suite("default", seed=0, n_train=0, n_eval=6).eval_sets["id"]
+    report = evaluate_question_set(sampler, questions, max_new_tokens=16, bootstrap=200)
+    assert report["n"] == 6
+    assert report["format_share"] >= 0.8
+    assert 0.0 <= report["accuracy"] <= 1.0

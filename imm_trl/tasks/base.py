@@ -61,6 +61,10 @@ class TaskSuite:
         metadata={"help": "Evaluation sets by name: at least 'id' and 'ood'."}
     )
     description: str = field(default="", metadata={"help": "What the suite is for."})
+    max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Tokens a completion needs with the suite's prompts (16 for 'answer')."},
+    )
 
 
 @dataclass(frozen=True)
