@@ -158,6 +158,7 @@ def score_completions(
     verifier = get_verifier(question_set.verifier, time_limit_s=verifier_time_limit_s)
     golds = [row["answer"] for row in rows]
     correct = [v.is_correct for v in verifier.verify_batch(list(greedy), golds)]
+    bad_gold = verifier.counts["bad_gold"]  # rows, counted once (the samples would repeat it)
     low, high = bootstrap_ci(correct, resamples=bootstrap, seed=seed)
     report: dict[str, float] = {
         "n": len(rows),
@@ -189,8 +190,8 @@ def score_completions(
         report[f"pass@{k}"] = sum(pass_at_k(k, c, k) for c in counts) / len(rows)
         groups = [list(texts) for texts in sampled]
     report.update(collapse_metrics(groups, question_set.verifier))
-    report["bad_gold"] = verifier.counts["bad_gold"]
-    report["timeouts"] = verifier.counts["timeout"]
+    report["bad_gold"] = bad_gold
+    report["timeouts"] = verifier.counts["timeout"]  # over all checks, greedy and sampled
     return report
 
 

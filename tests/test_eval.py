@@ -181,6 +181,8 @@ def test_bad_gold_counts_as_wrong_and_is_reported():
     questions.rows[1]["answer"] = "no number here"
     report = score_completions(questions, ["Answer: 5", "Answer: 7"])
     assert report["accuracy"] == 0.5 and report["bad_gold"] == 1
+    sampled = score_completions(questions, ["Answer: 5", "Answer: 7"], [["5", "5"], ["7", "7"]])
+    assert sampled["bad_gold"] == 1 and sampled["pass@2"] == 0.5
 
 
 def test_score_rejects_mismatched_lengths():
@@ -232,11 +234,15 @@ def test_sampled_metrics_need_a_temperature(tiny_sampler):
 
 
 def test_eval_command_on_a_saved_tiny_model(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
     from imm_trl.models import tiny_model
 
     model, tokenizer = tiny_model(seed=0)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")  # B = 0: the adapter changes nothing yet
     parser = argparse.ArgumentParser(prog="imm-trl")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "report.json"
@@ -288,6 +294,31 @@ def test_eval_command_on_a_saved_tiny_model(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert list(report["sets"]) == ["ood"] and report["sets"]["ood"]["n"] == 2
     assert report["settings"]["max_new_tokens"] == load_suite("default", n_eval=2).max_new_tokens
+    base = report["sets"]["ood"]
+    args = parser.parse_args(
+        [
+            "eval",
+            str(tmp_path / "model"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--suite",
+            "default",
+            "--sets",
+            "ood",
+            "--limit",
+            "2",
+            "--bootstrap",
+            "100",
+            "--out",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["adapter"] == str(tmp_path / "adapter")
+    with_adapter = report["sets"]["ood"]
+    assert with_adapter["mean_completion_chars"] == base["mean_completion_chars"]
+    assert with_adapter["accuracy"] == base["accuracy"]
     with pytest.raises(SystemExit):  # --suite and --jsonl exclude each other
         parser.parse_args(["eval", "m", "--suite", "default", "--jsonl", "x.jsonl"])
 
