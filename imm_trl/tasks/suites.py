@@ -9,6 +9,9 @@ clearly above what answering every question with the most common gold answer wou
 second condition rules out families the 135M model only "solves" by repeating one answer:
 syllogism (32%, always "No"; 68% of golds are "Yes"), aiw, family_relationships and
 calendar_arithmetic (15-17%, at or below their most common gold).
+
+Measured on the suites themselves (seed 0, 100 questions per eval set, 95% bootstrap CI):
+default id 24% [16, 32], ood 23% [15, 32]; default-cot id 35% [26, 44], ood 23% (same set).
 """
 
 from __future__ import annotations
