@@ -12,7 +12,8 @@
 
 Every child process runs with OMP_NUM_THREADS=1 (see `_env`). The 1-minute load average is
 recorded beside each row: on a shared machine wall times stretch with it, so compare the
-rows of one run only.
+rows of one run only. CPU seconds (user + system, all threads) are reported beside wall
+times: they stretch much less with the load.
 
 Usage:  python benchmarks/merge.py [--skip-lora] [--skip-checkpoints] [--workdir /tmp/imm_merge_bench]
 Writes benchmarks/results/merge.json and benchmarks/results/merge.md.
@@ -126,20 +127,23 @@ def lora_case(model_name: str, impl: str) -> dict:
         from imm_trl.merging import LoraMerger, MergeConfig
 
         with PeakRSS() as capture:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             merger = LoraMerger(peft_model, MergeConfig(method="linear", ratio=0.5))
             result["capture_seconds"] = time.perf_counter() - start
+            result["capture_cpu_seconds"] = time.process_time() - cpu
         result["theta0_bytes"] = merger.theta0_bytes()
         result["capture_extra_rss_mb"] = (capture.peak - capture.start) / 2**20
         with PeakRSS() as rss:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             merger.merge(peft_model, iteration=1)
             result["seconds"] = time.perf_counter() - start
+            result["cpu_seconds"] = time.process_time() - cpu
     else:
         with PeakRSS() as rss:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             peft_model.merge_and_unload()
             result["seconds"] = time.perf_counter() - start
+            result["cpu_seconds"] = time.process_time() - cpu
     result["merge_extra_rss_mb"] = (rss.peak - rss.start) / 2**20
     return result
 
@@ -160,6 +164,7 @@ def run_lora_benchmarks() -> list[dict]:
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             row = min(runs, key=lambda r: r["seconds"])
             row["all_seconds"] = [r["seconds"] for r in runs]
+            row["cpu_seconds"] = min(r["cpu_seconds"] for r in runs)
             row["load_average"] = os.getloadavg()[0]
             row["merge_extra_rss_mb"] = max(r["merge_extra_rss_mb"] for r in runs)
             print("lora", row, flush=True)
@@ -267,7 +272,8 @@ def read_and_write(base_dir: str, tuned_dir: str, out_dir: str) -> None:
 
 
 def timed_child(command: list[str], env: dict | None = None) -> dict:
-    """Run a command under /usr/bin/time: wall seconds and the command's own peak RSS.
+    """Run a command under /usr/bin/time: wall seconds, the command's CPU seconds (user +
+    system, all its threads) and its own peak RSS.
 
     (/usr/bin/time, not our own wait4: a child forked from this large process would report
     this process's resident memory as its own peak until it execs.)
@@ -275,17 +281,21 @@ def timed_child(command: list[str], env: dict | None = None) -> dict:
     stats = Path(f"/tmp/merge_bench_time_{os.getpid()}.txt")
     start = time.perf_counter()
     process = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", "-o", str(stats), *command],
+        ["/usr/bin/time", "-f", "%U %S %M", "-o", str(stats), *command],
         env=env or _env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     seconds = time.perf_counter() - start
     lines = stats.read_text().strip().splitlines() if stats.is_file() else []
-    peak_kb = int(lines[-1]) if lines and lines[-1].isdigit() else -1
+    fields = lines[-1].split() if lines else []
+    user, system, peak_kb = (
+        (float(fields[0]), float(fields[1]), int(fields[2])) if len(fields) == 3 else (-1, 0, -1)
+    )
     stats.unlink(missing_ok=True)
     return dict(
         seconds=seconds,
+        cpu_seconds=user + system,
         peak_rss_mb=peak_kb / 1024,
         returncode=process.returncode,
         tail=process.stdout.decode(errors="replace")[-1500:] if process.returncode else "",
@@ -420,9 +430,9 @@ def markdown(results: dict) -> str:
             "imm-trl captures theta0 once per run, when the merger is built (before training); "
             "its time and memory are shown apart from the merge's.",
             "",
-            "| model | params | dtype | impl | merge s (best) | all runs s | peak extra RSS MiB (merge) "
-            "| capture s | capture extra RSS MiB | theta0 held MiB | load avg |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | params | dtype | impl | merge s (best) | all runs s | merge CPU s (best) "
+            "| peak extra RSS MiB (merge) | capture s | capture extra RSS MiB | theta0 held MiB | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in results["lora"]:
             theta0 = f"{row['theta0_bytes'] / 2**20:.0f}" if "theta0_bytes" in row else "-"
@@ -433,6 +443,7 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {row['model']} | {row['params'] / 1e9:.3f}B | {row['dtype']} | {row['impl']} | "
                 f"{row['seconds']:.3f} | {', '.join(f'{x:.2f}' for x in row.get('all_seconds', []))} | "
+                f"{row.get('cpu_seconds', float('nan')):.3f} | "
                 f"{row['merge_extra_rss_mb']:.0f} | {capture} | {capture_rss} | {theta0} | "
                 f"{row.get('load_average', float('nan')):.1f} |"
             )
@@ -440,8 +451,12 @@ def markdown(results: dict) -> str:
             by_impl = {r["impl"]: r for r in results["lora"] if r["model"] == model}
             if {"imm", "peft"} <= set(by_impl):
                 ratio = by_impl["peft"]["seconds"] / by_impl["imm"]["seconds"]
+                cpu = by_impl["peft"].get("cpu_seconds", float("nan")) / by_impl["imm"].get(
+                    "cpu_seconds", float("nan")
+                )
                 lines.append(
-                    f"\n{model}: imm-trl merge is {ratio:.2f}x the speed of PEFT merge_and_unload."
+                    f"\n{model}: imm-trl merge is {ratio:.2f}x the speed of PEFT merge_and_unload "
+                    f"(wall time; {cpu:.2f}x in CPU time)."
                 )
         lines.append("")
     if results.get("checkpoints"):
@@ -450,23 +465,24 @@ def markdown(results: dict) -> str:
             f"## (b) Checkpoint merge: two {info['params'] / 1e9:.2f}B-param bf16 checkpoints "
             f"({info['bytes'] / 2**30:.2f} GiB each; largest tensor {info['largest_tensor_bytes'] / 2**20:.0f} MiB)",
             "",
-            "| contender | seconds | x baseline | peak RSS MiB | load avg |",
-            "|---|---|---|---|---|",
+            "| contender | seconds | x baseline | CPU s | CPU x baseline | peak RSS MiB | load avg |",
+            "|---|---|---|---|---|---|---|",
         ]
         rows = results["checkpoints"]["rows"]
-        baseline = next(
-            (r["seconds"] for r in rows if r.get("name", "").startswith("read+write")), None
-        )
+        baseline_row = next((r for r in rows if r.get("name", "").startswith("read+write")), {})
+        baseline, baseline_cpu = baseline_row.get("seconds"), baseline_row.get("cpu_seconds")
         for row in rows:
             if "error" in row or row.get("returncode"):
                 lines.append(
-                    f"| {row.get('name')} | failed: {row.get('error') or row.get('tail', '')[-300:]!r} | | |"
+                    f"| {row.get('name')} | failed: {row.get('error') or row.get('tail', '')[-300:]!r} | | | | | |"
                 )
                 continue
             factor = f"{row['seconds'] / baseline:.2f}" if baseline else "-"
+            cpu = row.get("cpu_seconds", float("nan"))
+            cpu_factor = f"{cpu / baseline_cpu:.2f}" if baseline_cpu else "-"
             lines.append(
-                f"| {row['name']} | {row['seconds']:.1f} | {factor} | {row['peak_rss_mb']:.0f} | "
-                f"{row.get('load_average', float('nan')):.1f} |"
+                f"| {row['name']} | {row['seconds']:.1f} | {factor} | {cpu:.1f} | {cpu_factor} | "
+                f"{row['peak_rss_mb']:.0f} | {row.get('load_average', float('nan')):.1f} |"
             )
     return "\n".join(lines) + "\n"
 
