@@ -263,7 +263,8 @@ def load_sampler(
         config = VLLMSamplerConfig(dtype=dtype, show_progress=False)
         if adapter is not None:
             rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-            config.enable_lora, config.max_lora_rank = True, max(8, rank)
+            # vLLM accepts only some ranks as its maximum (8, 16, 32, ...): round up.
+            config.enable_lora, config.max_lora_rank = True, max(8, 1 << (rank - 1).bit_length())
         sampler = VLLMSampler(model_dir, tokenizer, config)
         sampler.set_lora_adapter(adapter)
         return sampler
