@@ -82,6 +82,13 @@ class IMMConfig:
         default="question", metadata={"help": "Column with the question (text or chat messages)."}
     )
     gold_column: str = field(default="answer", metadata={"help": "Column with the gold answer."})
+    solution_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column with gold worked solutions for real_data_ratio > 0 (task suites: "
+            "'solution'); None uses gold_column, as in GSM8K where the gold is the solution."
+        },
+    )
     system_prompt: str | None = field(
         default=None, metadata={"help": "System message put before text questions."}
     )
@@ -185,7 +192,7 @@ class IMMConfig:
             verifier=self.verifier,
             question_column=self.question_column,
             gold_column=self.gold_column,
-            solution_column=self.gold_column,
+            solution_column=self.solution_column or self.gold_column,
             system_prompt=self.system_prompt,
             sampling=SamplingParams(
                 temperature=self.temperature,

@@ -214,7 +214,10 @@ def build_trainer(recipe: Recipe):
     from imm_trl.config import IMMConfig
 
     train, eval_sets = load_questions(recipe.data)
-    imm_values = {"verifier": train.verifier, "eval_sets": eval_sets, **recipe.imm, "questions": train.rows}
+    imm_values = {
+        "verifier": train.verifier, "eval_sets": eval_sets, "solution_column": "solution",
+        **recipe.imm, "questions": train.rows,
+    }
     imm_config = IMMConfig.from_dict(imm_values)
     model, tokenizer = load_model(recipe.model)
     trainer = SFTTrainer(
