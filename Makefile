@@ -8,7 +8,7 @@ LOCK := requirements/lock-cpu.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast test-integration lint model clean-venv
+.PHONY: setup test test-fast test-integration lint model demo clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): $(LOCK) pyproject.toml
 
 model: setup
 	$(VENV)/bin/imm-trl prepare-model
+
+# The main command: evaluate the default model, run 2 IMM iterations, evaluate again, report.
+demo: setup
+	$(VENV)/bin/imm-trl demo --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare_model)
     _add_merge_parser(commands)
     from imm_trl.analysis import add_analyze_parser
+    from imm_trl.demo import add_demo_parser
     from imm_trl.eval import add_eval_parser
     from imm_trl.loop import add_run_parser
 
+    add_demo_parser(commands)
     add_run_parser(commands)
     add_eval_parser(commands)
     add_analyze_parser(commands)
