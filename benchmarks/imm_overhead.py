@@ -48,10 +48,11 @@ def main() -> None:
         seconds = {k.removeprefix("seconds/"): v for k, v in row.items() if k.startswith("seconds/")}
         overhead = sum(seconds[k] for k in OVERHEAD)
         rows.append({
-            "iteration": row["iteration"], **seconds, "overhead": overhead,
-            "overhead_share": overhead / seconds["iteration"],
+            **seconds, "iteration_seconds": seconds.pop("iteration"), "iteration": row["iteration"],
+            "overhead": overhead,
+            "overhead_share": overhead / row["seconds/iteration"],
             "overhead_share_with_restart": (overhead - seconds["sampler_refresh"] + restart_seconds)
-            / (seconds["iteration"] - seconds["sampler_refresh"] + restart_seconds),
+            / (row["seconds/iteration"] - seconds["sampler_refresh"] + restart_seconds),
             "train_examples": row["sampling/generated_examples"] + row["sampling/real_examples"],
         })
     result = {
@@ -68,7 +69,7 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    phases = ["sampling", "train", "merge", "sampler_refresh", "checkpoint", "eval", "iteration"]
+    phases = ["sampling", "train", "merge", "sampler_refresh", "checkpoint", "eval", "iteration_seconds"]
     lines = [
         "# IMM per-iteration overhead (default model)", "",
         f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Recipe: {result['recipe']}", "",
