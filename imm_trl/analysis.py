@@ -266,13 +266,22 @@ def _gold_batches(
 
 
 def _gold_log_likelihood_sum(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Sum over the batch's answer tokens of log p(token | everything before it)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
+    """Sum over the batch's answer tokens of log p(token | everything before it).
+
+    Logits are computed only from the position before the batch's earliest answer token on
+    (`logits_to_keep`): over a large vocabulary the output layer and softmax of the prompt
+    positions would be a sizeable share of the work for nothing."""
+    is_answer = (labels != -100).any(dim=0)
+    first_predicting = max(int(is_answer.nonzero()[0]) - 1, 0)
+    kept = labels.shape[1] - first_predicting
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=kept
+    ).logits
+    predictions = logits[:, :-1].float()
+    targets = labels[:, first_predicting + 1 :]
     return -nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
+        predictions.reshape(-1, predictions.shape[-1]),
+        targets.reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )

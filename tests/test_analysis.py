@@ -189,6 +189,27 @@ def test_identity_layer_has_zero_importance_by_skipping(model_with_identity_laye
     assert min(abs(v) for v in others) > 1e-3
 
 
+def test_gold_log_likelihood_equals_a_hand_computation(model_with_identity_layer):
+    """Mean over answer tokens of log softmax(full-sequence logits), row by row."""
+    model, tokenizer = model_with_identity_layer
+    total, count = 0.0, 0
+    for row in ROWS:
+        question = row["question"]
+        messages = (
+            question if isinstance(question, list) else [{"role": "user", "content": question}]
+        )
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            log_probs = model(torch.tensor([prompt_ids + answer_ids])).logits[0].log_softmax(-1)
+        for offset, token in enumerate(answer_ids):
+            total += float(log_probs[len(prompt_ids) + offset - 1, token])
+        count += len(answer_ids)
+    score = gold_log_likelihood_score(tokenizer, ROWS, batch_size=3)(model)
+    assert score == pytest.approx(total / count, abs=1e-5)
+
+
 def test_gold_log_likelihood_is_deterministic_and_batch_size_free(model_with_identity_layer):
     model, tokenizer = model_with_identity_layer
     one_by_one = gold_log_likelihood_score(tokenizer, ROWS, batch_size=1)(model)
