@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -511,7 +512,7 @@ def main() -> None:
         return
     results = dict(
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
-        command="python " + " ".join(sys.argv),
+        command="python " + shlex.join(sys.argv),
         note=args.note,
     )
     if args.update and (RESULTS / "merge.json").is_file():
@@ -519,7 +520,7 @@ def main() -> None:
         previous = json.loads((RESULTS / "merge.json").read_text())
         results = {
             **previous,
-            "command": f"{previous.get('command')}; then python " + " ".join(sys.argv),
+            "command": f"{previous.get('command')}; then python " + shlex.join(sys.argv),
         }
     if not args.skip_lora:
         results["lora"] = run_lora_benchmarks()
