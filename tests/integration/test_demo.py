@@ -4,6 +4,7 @@ numbers, and (integration tier) the quick demo runs end to end and writes its re
 import argparse
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from imm_trl.demo import (
     demo_recipe,
     format_table,
     parse_table,
+    summary,
     table_rows,
+    write_report,
 )
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes/default.yaml"
@@ -94,6 +97,36 @@ def test_table_shows_the_history_numbers():
     assert cells[1]["OOD accuracy [95% CI]"] == "0.500 [0.375, 0.625]"
     assert cells[1]["yield"] == "0.312" and cells[1]["D_t size"] == "12"
     assert cells[1]["ID distinct-2"] == "0.457" and cells[1]["OOD answer entropy"] == "2.35"
+
+
+def test_report_files_are_written_from_a_history(tmp_path):
+    config = DemoConfig(out_dir=str(tmp_path), quick=True)
+    rows = table_rows(history_fixture())
+    report = {
+        "command": "imm-trl demo --quick",
+        "machine": "test",
+        "wall_seconds": 12.0,
+        "cpu_seconds": 20.0,
+        "config": asdict(config),
+        "recipe": demo_recipe(config),
+        "metrics_file": "run/imm/imm_metrics.json",
+        "table": rows,
+        "summary": summary(rows),
+        "history": history_fixture(),
+    }
+    write_report(tmp_path, report)
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    for name in ("accuracy.png", "diversity.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report.md").read_text()
+    assert parse_table(markdown) == parse_table(format_table(rows))
+    assert "ID +0.125, OOD +0.000" in markdown and "over the greedy completions" in markdown
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "accuracy.png",
+        "diversity.png",
+        "report.json",
+        "report.md",
+    ]
 
 
 def cell_numbers(cell: str) -> list[float]:
