@@ -361,45 +361,102 @@ def _requiring_grad(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def layer_importance_by_gradient(
-    model: nn.Module,
-    tokenizer,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    batch_size: int = 8,
-    prefix: str = LAYER_PREFIX,
-) -> list[float]:
-    """Gradient attribution: importance_l = sum over layer l's parameters of |theta * dL/dtheta|.
+@contextmanager
+def _recording_layer_io(layers: nn.ModuleList) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Inside the block, each decoder-layer call appends (input hidden states, output hidden
+    states) to the yielded list, in layer order."""
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    L is the mean negative log-likelihood per gold-answer token (the negative of
-    `gold_log_likelihood_score`), so each term is the first-order Taylor estimate of how much
-    the score drops when that parameter alone is set to zero (Molchanov et al.'s Taylor
-    importance); the absolute values keep terms of opposite sign from cancelling. The sum is
-    therefore much larger than the skipping importance and not in its units: compare the two
-    by rank. One forward and backward pass per batch of rows, instead of L + 1 scoring passes
-    for skipping. Frozen parameters count too; the model's `.grad` is left untouched.
-    """
-    layers = decoder_layers(model, prefix)
+    def record(module, args, kwargs, output):
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        records.append((hidden_in, output[0] if isinstance(output, tuple) else output))
+
+    handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _skip_taylor_importance(model, layers, batches, answer_tokens: int) -> list[float]:
+    """Per layer, sum over batches of dL/dh_out . (h_in - h_out): the first-order change of L
+    when the layer's output is replaced by its input, i.e. when the layer is skipped."""
+    importance = [0.0] * len(layers)
+    for batch in batches:
+        with _recording_layer_io(layers) as records:
+            loss = -_gold_log_likelihood_sum(model, *batch) / answer_tokens
+        outputs = [hidden_out for _, hidden_out in records]
+        for index, ((hidden_in, hidden_out), grad) in enumerate(
+            zip(records, torch.autograd.grad(loss, outputs), strict=True)
+        ):
+            importance[index] += float((grad * (hidden_in - hidden_out).detach()).sum())
+    return importance
+
+
+def _parameter_taylor_importance(model, layers, batches, answer_tokens: int) -> list[float]:
+    """Per layer, sum over its parameters of |theta * dL/dtheta|, dL/dtheta over all batches."""
     per_layer = [list(layer.parameters()) for layer in layers]
     flat = [p for params in per_layer for p in params]
-    encoded = encode_gold_rows(tokenizer, rows)
-    answer_tokens = sum(len(answer) for _, answer in encoded)
-    device = next(model.parameters()).device
     gradients = [torch.zeros_like(p, dtype=torch.float32) for p in flat]
-    with _eval_mode(model), _requiring_grad(flat):
-        for batch in _gold_batches(encoded, batch_size, device):
-            loss = -_gold_log_likelihood_sum(model, *batch) / answer_tokens
-            for total, grad in zip(
-                gradients, torch.autograd.grad(loss, flat, allow_unused=True), strict=True
-            ):
-                if grad is not None:
-                    total += grad.float()
+    for batch in batches:
+        loss = -_gold_log_likelihood_sum(model, *batch) / answer_tokens
+        grads = torch.autograd.grad(loss, flat, allow_unused=True)
+        for total, grad in zip(gradients, grads, strict=True):
+            if grad is not None:
+                total += grad.float()
     importance, position = [], 0
     for params in per_layer:
         terms = zip(params, gradients[position : position + len(params)], strict=True)
         importance.append(sum(float((p.detach().float() * g).abs().sum()) for p, g in terms))
         position += len(params)
     return importance
+
+
+GRADIENT_ATTRIBUTIONS = {
+    "skip": _skip_taylor_importance,
+    "parameters": _parameter_taylor_importance,
+}
+
+
+def layer_importance_by_gradient(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    attribution: str = "skip",
+    batch_size: int = 8,
+    prefix: str = LAYER_PREFIX,
+) -> list[float]:
+    """Gradient attribution of each decoder layer: one forward and backward pass per batch of
+    rows, instead of the L + 1 scoring passes of `layer_importance_by_skipping`.
+
+    L is the mean negative log-likelihood per gold-answer token (the negative of
+    `gold_log_likelihood_score`). `attribution` picks the estimate:
+
+    - "skip" (default): sum over tokens of dL/dh_out . (h_in - h_out), with h_in and h_out the
+      layer's input and output hidden states. Skipping the layer replaces h_out by h_in, so
+      this is the first-order Taylor estimate of the skipping importance with the gold
+      log-likelihood score, in its units and with its sign. On SmolLM2-135M (32 arithmetic
+      rows) its Spearman rho with the exact skipping importance was 0.54.
+    - "parameters": sum over the layer's parameters of |theta * dL/dtheta| (Molchanov et al.'s
+      Taylor importance: each term estimates the loss change when that one parameter is set
+      to zero; absolute values keep opposite signs from cancelling). Much larger than the
+      skipping importance and not in its units; on the same rows its rho with skipping was 0.03.
+
+    Frozen parameters count too; the model's `.grad` is left untouched.
+    """
+    if attribution not in GRADIENT_ATTRIBUTIONS:
+        raise ValueError(
+            f"attribution must be one of {sorted(GRADIENT_ATTRIBUTIONS)}, got {attribution!r}"
+        )
+    layers = decoder_layers(model, prefix)
+    encoded = encode_gold_rows(tokenizer, rows)
+    answer_tokens = sum(len(answer) for _, answer in encoded)
+    batches = _gold_batches(encoded, batch_size, next(model.parameters()).device)
+    # The layers' parameters must require gradients for their outputs to be in the graph.
+    with _eval_mode(model), _requiring_grad(list(layers.parameters())):
+        return GRADIENT_ATTRIBUTIONS[attribution](model, layers, batches, answer_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,6 +581,7 @@ def analyze(
     rows: Sequence[Mapping[str, Any]],
     out_dir: str | os.PathLike,
     score: str | Callable[[nn.Module], float] = "loglik",
+    attribution: str = "skip",
     importance_of: str = "base",
     low: float = 0.3,
     high: float = 0.7,
@@ -543,6 +601,8 @@ def analyze(
         score: How importance is measured: "loglik" (skipping, mean gold log-likelihood),
             "gradient" (gradient attribution), or a callable `accuracy_fn(model) -> float`
             (skipping, that score).
+        attribution: With score="gradient": "skip" or "parameters", as in
+            `layer_importance_by_gradient`.
         importance_of: "base" (default: theta0's layers, the ones the merge pulls back
             towards) or "tuned".
         low, high, default: The suggested ratio map's range and default, as in
@@ -561,9 +621,9 @@ def analyze(
     model = _load_model(base if importance_of == "base" else tuned)
     started = time.perf_counter()
     if score == "gradient":
-        method = "gradient"
+        method = f"gradient-{attribution}"
         importance = layer_importance_by_gradient(
-            model, tokenizer, rows, batch_size=batch_size, prefix=prefix
+            model, tokenizer, rows, attribution=attribution, batch_size=batch_size, prefix=prefix
         )
     elif score == "loglik":
         method = "skip-loglik"
@@ -638,6 +698,7 @@ def _analyze_command(args: argparse.Namespace) -> int:
         rows=read_rows(args.data, args.max_rows),
         out_dir=args.out,
         score=args.score,
+        attribution=args.attribution,
         importance_of=args.importance_of,
         low=args.low,
         high=args.high,
@@ -671,7 +732,14 @@ def add_analyze_parser(commands) -> None:
         choices=["loglik", "gradient"],
         default="loglik",
         help="importance: drop in gold log-likelihood when a layer is skipped (loglik), or "
-        "gradient attribution |theta * dL/dtheta| (gradient, cheaper)",
+        "its gradient estimate (gradient: one backward pass per batch instead of L+1 passes)",
+    )
+    analyze_parser.add_argument(
+        "--attribution",
+        choices=sorted(GRADIENT_ATTRIBUTIONS),
+        default="skip",
+        help="with --score gradient: first-order estimate of skipping the layer (skip), or "
+        "sum of |theta * dL/dtheta| over its parameters (parameters)",
     )
     analyze_parser.add_argument("--max-rows", type=int, help="use only the first N rows")
     analyze_parser.add_argument(

@@ -218,26 +218,43 @@ def test_gold_log_likelihood_is_deterministic_and_batch_size_free(model_with_ide
     assert batched == pytest.approx(one_by_one, abs=1e-5)
 
 
-def test_identity_layer_has_zero_importance_by_gradient(model_with_identity_layer):
+@pytest.mark.parametrize("attribution", ["skip", "parameters"])
+def test_identity_layer_has_zero_importance_by_gradient(model_with_identity_layer, attribution):
     model, tokenizer = model_with_identity_layer
     model.zero_grad(set_to_none=True)
-    importance = layer_importance_by_gradient(model, tokenizer, ROWS, batch_size=2)
+    importance = layer_importance_by_gradient(
+        model, tokenizer, ROWS, attribution=attribution, batch_size=2
+    )
     assert len(importance) == 4
     assert abs(importance[IDENTITY_LAYER]) < 1e-6
     others = [v for i, v in enumerate(importance) if i != IDENTITY_LAYER]
-    assert min(others) > 1e-3
+    assert min(abs(v) for v in others) > 1e-3
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_gradient_importance_also_covers_frozen_parameters(model_with_identity_layer):
+def test_skip_attribution_is_the_first_order_skipping_importance():
+    """For a layer that adds little (residual writers scaled by 0.01), skipping changes the
+    loss by nearly its first-order estimate, so the two agree closely."""
+    model, tokenizer = four_layer_model()
+    layer = model.model.layers[IDENTITY_LAYER]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.mul_(0.01)
+        layer.mlp.down_proj.weight.mul_(0.01)
+    exact = layer_importance_by_skipping(model, gold_log_likelihood_score(tokenizer, ROWS))
+    estimate = layer_importance_by_gradient(model, tokenizer, ROWS, attribution="skip")
+    assert abs(exact[IDENTITY_LAYER]) > 1e-4
+    assert estimate[IDENTITY_LAYER] == pytest.approx(exact[IDENTITY_LAYER], rel=0.05)
+
+
+@pytest.mark.parametrize("attribution", ["skip", "parameters"])
+def test_gradient_importance_also_covers_frozen_parameters(model_with_identity_layer, attribution):
     model, tokenizer = model_with_identity_layer
-    expected = layer_importance_by_gradient(model, tokenizer, ROWS)
+    expected = layer_importance_by_gradient(model, tokenizer, ROWS, attribution=attribution)
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        assert layer_importance_by_gradient(model, tokenizer, ROWS) == pytest.approx(
-            expected, rel=1e-6
-        )
+        frozen = layer_importance_by_gradient(model, tokenizer, ROWS, attribution=attribution)
+        assert frozen == pytest.approx(expected, rel=1e-6)
         assert not any(p.requires_grad for p in model.parameters())
     finally:
         for p in model.parameters():
@@ -331,10 +348,16 @@ def test_analyze_writes_json_and_png_with_gradient_importance(tmp_path, model_wi
     base, tokenizer = model_with_identity_layer
     tuned = perturbed_copy(base)
     report = analyze(
-        base, tuned, tokenizer=tokenizer, rows=ROWS, out_dir=tmp_path / "out", score="gradient"
+        base,
+        tuned,
+        tokenizer=tokenizer,
+        rows=ROWS,
+        out_dir=tmp_path / "out",
+        score="gradient",
+        attribution="parameters",
     )
     written = check_report_files(tmp_path / "out", report)
-    assert written["importance_method"] == "gradient"
+    assert written["importance_method"] == "gradient-parameters"
     assert written["update_magnitude"] == pytest.approx(hand_magnitudes(base)[0], rel=1e-5, abs=0)
     assert written["importance"][IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-6)
     assert written["suggested_ratio_map"][f"layers.{IDENTITY_LAYER}"] == 0.7
