@@ -6,6 +6,7 @@ import torch
 from imm_trl.models import tiny_model
 from imm_trl.sampling import HFSampler, HFSamplerConfig, Sampler, SamplingParams, cut_at_stop
 from imm_trl.sampling.hf import auto_batch_size
+from imm_trl.sampling.nucleus import nucleus_filter_
 
 CHAT_PROMPTS = [
     [{"role": "user", "content": "What is 3 + 4?"}],
@@ -103,3 +104,59 @@ def test_auto_batch_size_follows_memory(tiny):
 
 
 # The default-model HF checks live in test_sampling_vllm_default.py, next to vLLM's.
+
+
+def test_nucleus_filter_keeps_what_transformers_top_p_keeps():
+    """Peaked rows (as a language model's) end within the candidates; flat rows take the
+    full-sort fallback. Both keep exactly the tokens transformers' TopPLogitsWarper keeps."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 49152
+    peaked = torch.randn(32, vocab, generator=generator) * 8
+    flat = torch.randn(8, vocab, generator=generator) * 0.5  # nucleus of thousands of tokens
+    for logits in (peaked, flat, torch.cat([peaked, flat])):
+        for top_p in (0.3, 0.95):
+            ours = nucleus_filter_(logits.clone(), top_p)
+            theirs = TopPLogitsWarper(top_p)(None, logits.clone())
+            assert torch.equal(ours.isinf(), theirs.isinf())
+            kept = ~ours.isinf()
+            assert torch.equal(ours[kept], logits[kept])  # kept logits are untouched
+    kept_peaked = (~nucleus_filter_(peaked.clone(), 0.95).isinf()).sum(dim=-1)
+    assert 1 <= kept_peaked.min() and kept_peaked.max() < 256
+    assert (~nucleus_filter_(flat.clone(), 0.95).isinf()).sum(dim=-1).min() > 256
+
+
+def test_nucleus_filter_per_row_top_p_and_edge_cases():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    probs = logits[0].softmax(dim=0)  # 0.644, 0.237, 0.087, 0.032
+    out = nucleus_filter_(logits.clone(), torch.tensor([0.5, 1.0, 0.6]))
+    assert out[0].isinf().tolist() == [False, True, True, True]  # mass above token 2 is 0.644
+    assert torch.equal(out[1], logits[1])  # top_p = 1 leaves the row alone
+    assert not out[2].isinf().any()  # exact ties with the last kept token are all kept
+    out = nucleus_filter_(logits[:1].clone(), float(probs[0] + probs[1]) + 1e-4)
+    assert out[0].isinf().tolist() == [False, False, False, True]
+
+
+def test_hf_top_p_near_zero_is_greedy(tiny):
+    """With a tiny top_p only the most likely token survives, so sampling is greedy decoding:
+    shows the fast top-p path runs (and keeps the argmax) inside HF generate."""
+    model, tokenizer = tiny
+    greedy = HFSampler(model, tokenizer, quiet()).generate(
+        CHAT_PROMPTS, 1, SamplingParams(temperature=0, max_new_tokens=10)
+    )
+    for fast in (True, False):
+        sampler = HFSampler(model, tokenizer, quiet(HFSamplerConfig(fast_top_p=fast)))
+        sampled = sampler.generate(
+            CHAT_PROMPTS, 3, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=10, seed=0)
+        )
+        assert sampled == [samples[0:1] * 3 for samples in greedy]
+
+
+def test_hf_fast_top_p_samples_like_transformers_top_p(tiny):
+    """Same seed, same kept tokens, same probabilities: the fast path draws the same samples."""
+    model, tokenizer = tiny
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=12, seed=3)
+    fast = HFSampler(model, tokenizer, quiet(HFSamplerConfig(fast_top_p=True)))
+    stock = HFSampler(model, tokenizer, quiet(HFSamplerConfig(fast_top_p=False)))
+    assert fast.generate(CHAT_PROMPTS, 2, params) == stock.generate(CHAT_PROMPTS, 2, params)

@@ -1,23 +1,15 @@
-"""Both backends on the real default model (SmolLM2-135M-Instruct), one vLLM engine per module:
-k samples per prompt, greedy agreement between backends, and in-place weight updates."""
-
-import json
-from pathlib import Path
+"""Both backends on the real default model (SmolLM2-135M-Instruct) in fp32, one vLLM engine per
+module: k samples per prompt, greedy agreement between backends, and in-place weight updates."""
 
 import pytest
 import torch
+from vllm_fixtures import common_prefix_tokens, gsm8k_prompts
 
 from imm_trl.sampling import HFSampler, HFSamplerConfig, SamplingParams
 
 pytestmark = pytest.mark.integration
 
-GSM8K_SAMPLE = Path(__file__).parent / "fixtures" / "gsm8k" / "test_sample.jsonl"
 GREEDY = SamplingParams(temperature=0, max_new_tokens=32)
-
-
-def gsm8k_prompts(count):
-    rows = [json.loads(line) for line in GSM8K_SAMPLE.read_text().splitlines()[:count]]
-    return [[{"role": "user", "content": row["question"]}] for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +23,18 @@ def default_model():
 def engine(default_model_dir, default_model):
     from imm_trl.sampling import VLLMSampler, VLLMSamplerConfig
 
+    # fp32 and eager (no torch.compile): the exact-agreement checks of this module; the shipped
+    # defaults (bf16, compiled) are tested in test_sampling_vllm_default_bf16.py.
     config = VLLMSamplerConfig(
-        dtype="float32", max_model_len=1024, cpu_kv_cache_gib=1, show_progress=False
+        dtype="float32",
+        max_model_len=1024,
+        cpu_kv_cache_gib=1,
+        enforce_eager=True,
+        show_progress=False,
     )
     sampler = VLLMSampler(default_model_dir, default_model[1], config)
     yield sampler
     sampler.close()
-
-
-def common_prefix_tokens(a, b, tokenizer):
-    ids_a, ids_b = tokenizer(a)["input_ids"], tokenizer(b)["input_ids"]
-    count = 0
-    for x, y in zip(ids_a, ids_b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 def test_both_backends_give_k_samples_on_default_model(engine, default_model):

@@ -15,7 +15,8 @@ PROMPTS = [
     [{"role": "user", "content": "Tom has 5 apples and buys 12 more."}],
     "Question: what is 2 + 2? Answer:",
 ]
-GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+TOKENS = {"max_new_tokens": 12}
+GREEDY = SamplingParams(temperature=0, **TOKENS)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -97,3 +98,47 @@ def test_vllm_in_place_update_follows_hf_weights(engine):
     assert after != before
     engine.update_weights(original.state_dict())
     assert engine.generate(PROMPTS, 1, GREEDY) == before
+
+
+def test_vllm_top_p_near_zero_is_greedy(engine):
+    """The fast top-p logits processor runs in the engine: with a tiny top_p only the argmax
+    survives, so every sample is the greedy completion (vLLM's own top-p is off: top_p=1)."""
+    assert engine.uses_fast_top_p
+    greedy = engine.generate(PROMPTS, 1, GREEDY)
+    sampled = engine.generate(PROMPTS, 4, SamplingParams(temperature=1.0, top_p=1e-6, **TOKENS))
+    assert sampled == [samples * 4 for samples in greedy]
+    free = engine.generate(PROMPTS, 4, SamplingParams(temperature=1.0, top_p=0.9, **TOKENS))
+    assert sum(len(set(samples)) > 1 for samples in free) >= 2
+
+
+def test_nucleus_processor_follows_batch_rows():
+    """Rows are added, removed, moved and swapped as vLLM's persistent batch changes."""
+    from vllm import SamplingParams as EngineParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from imm_trl.sampling.vllm_nucleus import TOP_P_KEY, NucleusLogitsProcessor
+
+    def params(top_p):
+        return EngineParams(extra_args={TOP_P_KEY: top_p} if top_p else None)
+
+    processor = NucleusLogitsProcessor(None, torch.device("cpu"), False)
+    processor.update_state(
+        BatchUpdate(
+            3,
+            removed=[],
+            added=[(i, params(p), [], []) for i, p in enumerate([0.5, None, 0.9])],
+            moved=[],
+        )
+    )
+    assert processor.top_p == {0: 0.5, 2: 0.9}
+    processor.update_state(
+        BatchUpdate(2, removed=[0], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)])
+    )
+    assert processor.top_p == {0: 0.9}
+    processor.update_state(
+        BatchUpdate(2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)])
+    )
+    assert processor.top_p == {1: 0.9}
+    logits = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+    out = processor.apply(logits.clone())
+    assert torch.equal(out[0], logits[0]) and out[1].isinf().tolist() == [False, True, True]

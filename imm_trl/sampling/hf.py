@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from imm_trl.sampling.base import (
     GenerationStats,
@@ -16,6 +17,7 @@ from imm_trl.sampling.base import (
     cut_at_stop,
     prompt_token_ids,
 )
+from imm_trl.sampling.nucleus import nucleus_filter_
 
 
 @dataclass
@@ -27,13 +29,25 @@ class HFSamplerConfig:
         metadata={"help": "Sequences per generate call; None picks the largest that fits memory."},
     )
     max_batch_size: int = field(
-        default=64, metadata={"help": "Upper bound for the automatic batch size."}
+        default=256,
+        metadata={
+            "help": "Upper bound for the automatic batch size. Larger batches amortise the "
+            "per-step overhead of eager `generate`: on 2 CPU cores a decode step of SmolLM2-135M "
+            "did ~2.7x more tokens per CPU-second at 256 sequences than at 64."
+        },
     )
     memory_fraction: float = field(
         default=0.25,
         metadata={
             "help": "Share of free memory (GPU memory, or available RAM on CPU) the KV cache of "
             "one batch may take when the batch size is chosen automatically."
+        },
+    )
+    fast_top_p: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply temperature and top-p with `nucleus_filter_` instead of transformers' "
+            "TopPLogitsWarper, which sorts the whole vocabulary every step; same kept tokens."
         },
     )
     show_progress: bool = field(default=True, metadata={"help": "Show a tqdm bar over batches."})
@@ -68,6 +82,16 @@ def auto_batch_size(model, longest_sequence: int, memory_bytes: int, max_batch_s
     per_sequence = 2 * kv_cache_bytes_per_token(model) * longest_sequence
     per_sequence += 4 * model.config.get_text_config().vocab_size  # fp32 logits of one step
     return max(1, min(max_batch_size, memory_bytes // max(per_sequence, 1)))
+
+
+class TemperatureNucleus(LogitsProcessor):
+    """A transformers logits processor: divide by the temperature, then `nucleus_filter_`."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return nucleus_filter_(scores / self.temperature, self.top_p)
 
 
 class HFSampler:
@@ -152,6 +176,13 @@ class HFSampler:
                 "top_p": params.top_p,
                 "top_k": 0,
             }
+            if self.config.fast_top_p and params.top_p < 1:
+                # Custom processors run before transformers' warpers, so this one divides by
+                # the temperature itself and the warpers are switched off.
+                processor = TemperatureNucleus(params.temperature, params.top_p)
+                sampling.update(
+                    temperature=1.0, top_p=1.0, logits_processor=LogitsProcessorList([processor])
+                )
         stop = (
             {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
         )

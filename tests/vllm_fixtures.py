@@ -1,0 +1,21 @@
+"""Helpers shared by the default-model vLLM test modules (one engine per module)."""
+
+import json
+from pathlib import Path
+
+GSM8K_SAMPLE = Path(__file__).parent / "fixtures" / "gsm8k" / "test_sample.jsonl"
+
+
+def gsm8k_prompts(count):
+    rows = [json.loads(line) for line in GSM8K_SAMPLE.read_text().splitlines()[:count]]
+    return [[{"role": "user", "content": row["question"]}] for row in rows]
+
+
+def common_prefix_tokens(a, b, tokenizer):
+    ids_a, ids_b = tokenizer(a)["input_ids"], tokenizer(b)["input_ids"]
+    count = 0
+    for x, y in zip(ids_a, ids_b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
