@@ -120,7 +120,15 @@ def method_recipe(config: QualityConfig, method: str, merge: dict[str, Any], eva
         samples_per_question=config.samples_per_question,
         eval_samples=config.eval_samples,
         eval_at_start=evaluate_base,
-        sampler_kwargs={"show_progress": False, "cpu_kv_cache_gib": 1},
+        # Pinned to the engine settings the first recorded method ran with (eager, vLLM's
+        # own top-p, 128-token blocks), so every method samples alike.
+        sampler_kwargs={
+            "show_progress": False,
+            "cpu_kv_cache_gib": 1,
+            "enforce_eager": True,
+            "fast_top_p": False,
+            "cpu_block_size": 128,
+        },
         resume=True,
         seed=config.seed,
         **merge,

@@ -84,7 +84,7 @@ class DemoConfig:
         default=False,
         metadata={"help": "Use the QUICK budget (n_train, n_eval, max_steps, eval_samples)."},
     )
-    n_train: int = field(default=200, metadata={"help": "ID training questions."})
+    n_train: int = field(default=128, metadata={"help": "ID training questions."})
     n_eval: int = field(default=100, metadata={"help": "Questions in each eval set (ID, OOD)."})
     iterations: int = field(default=2, metadata={"help": "IMM iterations T."})
     epochs: float = field(

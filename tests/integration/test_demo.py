@@ -51,7 +51,7 @@ def test_quick_budget_replaces_the_full_one_and_overrides_come_last(tmp_path):
     assert raw["imm"]["sampler_kwargs"] == {"show_progress": True, "cpu_kv_cache_gib": 1.0}
     full = demo_recipe(DemoConfig(out_dir=str(tmp_path)))
     assert "max_steps" not in full["sft"] and full["sft"]["num_train_epochs"] == 1.0
-    assert full["data"]["n_train"] == 200 and full["imm"]["eval_samples"] == 4
+    assert full["data"]["n_train"] == 128 and full["imm"]["eval_samples"] == 4
     assert DEFAULT_RECIPE["imm"]["iterations"] == 3  # the module constant is not mutated
 
 
