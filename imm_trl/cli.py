@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -61,7 +62,19 @@ def _add_merge_parser(commands) -> None:
     merge.set_defaults(func=_merge)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands defined beside their code: (name, module, function adding the subparser). Only
+# the one being run is imported, so `imm-trl merge` does not pay for TRL, vLLM and datasets.
+LAZY_COMMANDS = (
+    ("demo", "imm_trl.demo", "add_demo_parser"),
+    ("run", "imm_trl.loop", "add_run_parser"),
+    ("eval", "imm_trl.eval", "add_eval_parser"),
+    ("analyze", "imm_trl.analysis", "add_analyze_parser"),
+)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with `command` given, only that lazily defined subcommand is imported
+    (every one is, for --help or an unknown command)."""
     parser = argparse.ArgumentParser(prog="imm-trl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser(
@@ -71,20 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.set_defaults(func=_prepare_model)
     _add_merge_parser(commands)
-    from imm_trl.analysis import add_analyze_parser
-    from imm_trl.demo import add_demo_parser
-    from imm_trl.eval import add_eval_parser
-    from imm_trl.loop import add_run_parser
-
-    add_demo_parser(commands)
-    add_run_parser(commands)
-    add_eval_parser(commands)
-    add_analyze_parser(commands)
+    if command in commands.choices:  # merge, prepare-model: nothing more to import
+        return parser
+    wanted = [entry for entry in LAZY_COMMANDS if entry[0] == command] or LAZY_COMMANDS
+    for _, module, adder in wanted:
+        getattr(importlib.import_module(module), adder)(commands)
     return parser
 
 
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand named in argv: its first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_name(argv))
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
