@@ -521,6 +521,7 @@ def main() -> None:
         results = {
             **previous,
             "command": f"{previous.get('command')}; then python " + shlex.join(sys.argv),
+            "note": " Then: ".join(filter(None, [previous.get("note"), args.note])),
         }
     if not args.skip_lora:
         results["lora"] = run_lora_benchmarks()
