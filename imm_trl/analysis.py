@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from imm_trl.files import write_atomically
 
 LAYER_PREFIX = "layers"
 JSON_NAME = "layer_analysis.json"
@@ -529,18 +530,6 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(temporary path)` next to `path`, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def plot_layer_analysis(report: Mapping[str, Any], path: Path) -> None:
     """Two panels over the decoder layers: update magnitude (top) and importance (bottom)."""
     import matplotlib
@@ -655,10 +644,10 @@ def analyze(
             importance, low=low, high=high, default=default, prefix=prefix
         ),
     }
-    _write_atomically(
+    write_atomically(
         out / JSON_NAME, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")
     )
-    _write_atomically(out / PNG_NAME, lambda tmp: plot_layer_analysis(report, tmp))
+    write_atomically(out / PNG_NAME, lambda tmp: plot_layer_analysis(report, tmp))
     return report
 
 

@@ -25,12 +25,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from imm_trl.files import write_atomically
 
 # recipes/default.yaml, value for value (tests/integration/test_demo.py checks they agree).
 DEFAULT_RECIPE: dict[str, Any] = {
@@ -241,18 +242,6 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
 # --------------------------------------------------------------------------------------------
 # Writing the report
 # --------------------------------------------------------------------------------------------
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(temporary path)` next to `path`, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:

@@ -252,11 +252,11 @@ def load_sampler(
     import torch
     from transformers import AutoTokenizer
 
-    from imm_trl.models import _ensure_chat_ready, default_model_dir
+    from imm_trl.models import default_model_dir, ensure_chat_ready
 
     model_dir = default_model_dir() if str(model_dir) == "default" else Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    _ensure_chat_ready(tokenizer)
+    ensure_chat_ready(tokenizer)
     if backend == "vllm":
         from imm_trl.sampling import VLLMSampler, VLLMSamplerConfig
 

@@ -93,7 +93,7 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    _ensure_chat_ready(tokenizer)
+    ensure_chat_ready(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -123,11 +123,11 @@ def load_default_model(
     path = default_model_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    _ensure_chat_ready(tokenizer)
+    ensure_chat_ready(tokenizer)
     return model, tokenizer
 
 
-def _ensure_chat_ready(tokenizer: PreTrainedTokenizerFast) -> None:
+def ensure_chat_ready(tokenizer: PreTrainedTokenizerFast) -> None:
     """Give the tokenizer what TRL's SFTTrainer needs: a chat template and a pad token."""
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
