@@ -24,7 +24,6 @@ trainer feature (report_to, accelerate, PEFT, quantization) works as usual insid
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -38,6 +37,7 @@ from transformers import TrainerCallback
 
 from imm_trl.config import IMMConfig
 from imm_trl.distributed import whole_parameters
+from imm_trl.files import write_json_atomically
 from imm_trl.merging import FullWeightMerger, LoraMerger
 
 STATE_FILE = "imm_state.json"
@@ -152,16 +152,45 @@ def write_checkpoint(directory: Path, iteration: int, weights: dict[str, torch.T
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def checkpoint_tensors(model, merger) -> dict[str, torch.Tensor]:
+    """What an iteration checkpoint holds: the parameters of `state_parameter_names` and, for
+    QLoRA, each quantized weight's master copy (the truth; the 4/8-bit weight is its rounding).
+    Whole tensors only where the model's parameters are whole (inside `whole_parameters`)."""
+    params = dict(model.named_parameters())
+    tensors = {name: params[name] for name in state_parameter_names(model)}
+    for target in getattr(merger, "targets", {}).values():
+        if target.quantized:
+            tensors[MASTER_PREFIX + target.name] = target.master
+    return tensors
+
+
+@torch.no_grad()
+def restore_checkpoint_tensors(model, merger, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy a checkpoint's tensors (`checkpoint_tensors`) back into the model and the merger's
+    master copies, in place."""
+    from imm_trl.merging.lora import requantize
+
+    params = dict(model.named_parameters())
+    masters = {t.name: t for t in getattr(merger, "targets", {}).values() if t.quantized}
+    unknown = [n for n in tensors if n not in params and n.removeprefix(MASTER_PREFIX) not in masters]
+    if unknown:
+        raise ValueError(
+            f"checkpoint {source} holds weights {unknown[:3]} that this model lacks; "
+            "resume with the same model and LoRA configuration"
+        )
+    for name, tensor in tensors.items():
+        if name.startswith(MASTER_PREFIX):
+            target = masters[name.removeprefix(MASTER_PREFIX)]
+            target.master.copy_(tensor)
+            requantize(target.base_layer, target.master)
+        else:
+            params[name].copy_(tensor)
+
+
 def last_checkpoint(directory: Path) -> Path | None:
     """The completed iteration checkpoint with the highest iteration number, if any."""
     done = [p for p in directory.glob("iteration-*") if (p / STATE_FILE).is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -211,7 +240,8 @@ class IMMCallback(TrainerCallback):
 
             model_dir = self.output_dir / f"sampler-model-rank{self.trainer.accelerator.process_index}"
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_merged_model(model_dir, self.trainer.model, tokenizer)
+            with whole_parameters(self.trainer.model, modify=False):
+                save_merged_model(model_dir, self.trainer.model, tokenizer)
             return VLLMSampler(model_dir, tokenizer, self.config.sampler_config_class()(**self.config.sampler_kwargs))
         from imm_trl.sampling import HFSampler
 
@@ -275,8 +305,9 @@ class IMMCallback(TrainerCallback):
             **eval_metrics,
         }
         with timed(timings, "checkpoint"):
-            if trainer.is_world_process_zero():
-                self._save(iteration, [*self.history, metrics])
+            with whole_parameters(trainer.model, modify=False):  # collective; rank 0 writes
+                if trainer.is_world_process_zero():
+                    self._save(iteration, [*self.history, metrics])
             trainer.accelerator.wait_for_everyone()
         metrics.update({f"seconds/{k}": v for k, v in timings.items()})
         metrics["seconds/iteration"] = sum(timings.values())
@@ -307,7 +338,8 @@ class IMMCallback(TrainerCallback):
         sampler generates with the trainer's model itself and needs nothing."""
         if hasattr(self.sampler, "update_weights"):
             masters = {t.name: t.master for t in getattr(self.merger, "targets", {}).values() if t.quantized}
-            self.sampler.update_weights(merged_state_dict(self.trainer.model, masters))
+            with whole_parameters(self.trainer.model, modify=False):
+                self.sampler.update_weights(merged_state_dict(self.trainer.model, masters))
 
     def evaluate(self) -> dict[str, float]:
         """Score every eval set with the current (merged) model: eval/<set>/<metric>."""
@@ -324,37 +356,9 @@ class IMMCallback(TrainerCallback):
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        params = dict(self.trainer.model.named_parameters())
-        tensors = {name: params[name] for name in state_parameter_names(self.trainer.model)}
-        for target in getattr(self.merger, "targets", {}).values():
-            if target.quantized:  # QLoRA: the bf16 master is the truth, the 4/8-bit copy its rounding
-                tensors[MASTER_PREFIX + target.name] = target.master
-        return tensors
-
-    @torch.no_grad()
-    def _restore(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
-        from imm_trl.merging.lora import requantize
-
-        params = dict(self.trainer.model.named_parameters())
-        masters = {t.name: t for t in getattr(self.merger, "targets", {}).values() if t.quantized}
-        unknown = [n for n in tensors if n not in params and n.removeprefix(MASTER_PREFIX) not in masters]
-        if unknown:
-            raise ValueError(
-                f"checkpoint {source} holds weights {unknown[:3]} that this model lacks; "
-                "resume with the same model and LoRA configuration"
-            )
-        for name, tensor in tensors.items():
-            if name.startswith(MASTER_PREFIX):
-                target = masters[name.removeprefix(MASTER_PREFIX)]
-                target.master.copy_(tensor)
-                requantize(target.base_layer, target.master)
-            else:
-                params[name].copy_(tensor)
-
     def _save(self, iteration: int, history: list[dict[str, Any]]) -> None:
         state = {"iteration": iteration, "history": history}
-        write_checkpoint(self.output_dir, iteration, self._checkpoint_tensors(), state)
+        write_checkpoint(self.output_dir, iteration, checkpoint_tensors(self.trainer.model, self.merger), state)
 
     def _first_iteration(self) -> int:
         if not self.config.resume:
@@ -363,6 +367,9 @@ class IMMCallback(TrainerCallback):
         if checkpoint is None:
             return 1
         state = json.loads((checkpoint / STATE_FILE).read_text())
-        self._restore(load_file(checkpoint / WEIGHTS_FILE), checkpoint)
+        with whole_parameters(self.trainer.model):  # every process loads; shards rewritten
+            restore_checkpoint_tensors(
+                self.trainer.model, self.merger, load_file(checkpoint / WEIGHTS_FILE), checkpoint
+            )
         self.history = state["history"]
         return state["iteration"] + 1

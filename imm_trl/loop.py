@@ -173,7 +173,7 @@ def load_model(args: ModelArguments):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from imm_trl.models import _ensure_chat_ready, default_model_dir
+    from imm_trl.models import default_model_dir, ensure_chat_ready
 
     path = str(default_model_dir()) if args.name_or_path == "default" else args.name_or_path
     dtype = getattr(torch, args.dtype)
@@ -189,7 +189,7 @@ def load_model(args: ModelArguments):
         attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
     )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    _ensure_chat_ready(tokenizer)
+    ensure_chat_ready(tokenizer)
     return model, tokenizer
 
 
@@ -235,12 +235,15 @@ def build_trainer(recipe: Recipe):
 def run_imm(recipe: Recipe | str | Path, overrides: list[str] | None = None):
     """Run every IMM iteration of a recipe (an object or a YAML path); returns the callback,
     whose `history` holds the per-iteration metrics (also in <imm output_dir>/imm_metrics.json)."""
+    from imm_trl.distributed import whole_parameters
+
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     trainer, callback = build_trainer(recipe)
     trainer.train()
-    if trainer.is_world_process_zero():
-        save_final_model(trainer, callback)
+    with whole_parameters(trainer.model, modify=False):  # collective; rank 0 writes
+        if trainer.is_world_process_zero():
+            save_final_model(trainer, callback)
     return callback
 
 

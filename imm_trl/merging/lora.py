@@ -54,12 +54,26 @@ class MergeTarget:
 
 @dataclass
 class SavedModuleTarget:
-    """A `modules_to_save` parameter: the trained copy is merged into the original."""
+    """A `modules_to_save` parameter: the trained copy is merged into the original.
+
+    The parameters are looked up in their modules when used rather than held, so that a
+    parameter swapped for another while merging (FSDP2: its full tensor, see
+    `imm_trl.distributed.whole_parameters`) is the one merged.
+    """
 
     name: str
-    original: nn.Parameter
-    trained: nn.Parameter
+    original_module: nn.Module
+    trained_module: nn.Module
+    param_name: str  # e.g. `weight`, relative to both modules
     theta0: torch.Tensor | None = None
+
+    @property
+    def original(self) -> nn.Parameter:
+        return self.original_module.get_parameter(self.param_name)
+
+    @property
+    def trained(self) -> nn.Parameter:
+        return self.trained_module.get_parameter(self.param_name)
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
@@ -201,10 +215,10 @@ class LoraMerger:
             )
 
     def _add_saved_module(self, module_name: str, wrapper) -> None:
-        trained = dict(wrapper.modules_to_save[self.adapter].named_parameters())
+        trained_module = wrapper.modules_to_save[self.adapter]
         seen = {id(t.trained) for t in self.saved_modules}
-        for param_name, original in wrapper.original_module.named_parameters():
-            if id(trained[param_name]) in seen:
+        for param_name, _ in wrapper.original_module.named_parameters():
+            if id(trained_module.get_parameter(param_name)) in seen:
                 continue
             stripped = (
                 module_name[len(PEFT_PREFIX) :]
@@ -214,8 +228,9 @@ class LoraMerger:
             self.saved_modules.append(
                 SavedModuleTarget(
                     name=f"{stripped}.{param_name}",
-                    original=original,
-                    trained=trained[param_name],
+                    original_module=wrapper.original_module,
+                    trained_module=trained_module,
+                    param_name=param_name,
                     theta0=None,
                 )
             )
