@@ -13,3 +13,13 @@ def default_model_dir():
     from imm_trl.models import default_model_dir as _dir
 
     return _dir()
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    """(model, tokenizer) of the real default model in fp32, loaded once per test module."""
+    import torch
+
+    from imm_trl.models import load_default_model
+
+    return load_default_model(dtype=torch.float32)

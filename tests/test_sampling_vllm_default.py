@@ -3,20 +3,13 @@ module: k samples per prompt, greedy agreement between backends, and in-place we
 
 import pytest
 import torch
-from vllm_fixtures import common_prefix_tokens, gsm8k_prompts
+from vllm_fixtures import greedy_agreement, gsm8k_prompts
 
 from imm_trl.sampling import HFSampler, HFSamplerConfig, SamplingParams
 
 pytestmark = pytest.mark.integration
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=32)
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    from imm_trl.models import load_default_model
-
-    return load_default_model(dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +53,7 @@ def test_greedy_outputs_of_hf_and_vllm_agree_on_default_model(engine, default_mo
     hf = HFSampler(model, tokenizer, HFSamplerConfig(show_progress=False))
     hf_texts = [samples[0] for samples in hf.generate(prompts, 1, GREEDY)]
     vllm_texts = [samples[0] for samples in engine.generate(prompts, 1, GREEDY)]
-    agree = [
-        a == b or common_prefix_tokens(a, b, tokenizer) >= 24
-        for a, b in zip(hf_texts, vllm_texts, strict=True)
-    ]
+    agree = greedy_agreement(hf_texts, vllm_texts, tokenizer)
     exact = sum(a == b for a, b in zip(hf_texts, vllm_texts, strict=True))
     print(f"greedy agreement: {sum(agree)}/16 (exact {exact}/16)")
     assert sum(agree) >= 13
@@ -88,8 +78,7 @@ def test_in_place_update_makes_vllm_produce_the_updated_hf_model(engine, default
         updated = engine.generate(prompts, 1, GREEDY)
         assert expected != before
         matching = sum(
-            a[0] == b[0] or common_prefix_tokens(a[0], b[0], tokenizer) >= 24
-            for a, b in zip(updated, expected, strict=True)
+            greedy_agreement([a[0] for a in updated], [b[0] for b in expected], tokenizer)
         )
         assert matching == 3, (updated, expected)
     finally:

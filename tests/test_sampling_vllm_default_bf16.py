@@ -4,7 +4,7 @@ HF in bf16, and in-place updates from an fp32 model into the bf16 engine."""
 
 import pytest
 import torch
-from vllm_fixtures import common_prefix_tokens, gsm8k_prompts
+from vllm_fixtures import greedy_agreement, gsm8k_prompts
 
 from imm_trl.sampling import HFSampler, HFSamplerConfig, SamplingParams
 from imm_trl.sampling.base import prompt_token_ids
@@ -15,18 +15,11 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=32)
 
 
 @pytest.fixture(scope="module")
-def fp32_model():
-    from imm_trl.models import load_default_model
-
-    return load_default_model(dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def engine(default_model_dir, fp32_model):
+def engine(default_model_dir, default_model):
     from imm_trl.sampling import VLLMSampler, VLLMSamplerConfig
 
     config = VLLMSamplerConfig(max_model_len=1024, cpu_kv_cache_gib=1, show_progress=False)
-    sampler = VLLMSampler(default_model_dir, fp32_model[1], config)
+    sampler = VLLMSampler(default_model_dir, default_model[1], config)
     yield sampler
     sampler.close()
 
@@ -116,7 +109,7 @@ def sampled_token_ranks(engine, prompts, temperature, top_p):
     ]
 
 
-def test_bf16_greedy_outputs_of_hf_and_vllm_agree_on_default_model(engine, fp32_model):
+def test_bf16_greedy_outputs_of_hf_and_vllm_agree_on_default_model(engine, default_model):
     """Both in bf16 on the same token ids. bf16 rounds every layer's output, and the two
     backends round in different places (fused qkv and gate/up, compiled norms, paged attention,
     kernels whose reduction order follows the threads), so near-ties flip more often than in
@@ -125,16 +118,13 @@ def test_bf16_greedy_outputs_of_hf_and_vllm_agree_on_default_model(engine, fp32_
     flip cannot blur is the score of the same tokens: the engine's per-token log-probabilities
     of HF's greedy completions must be within 0.1 of HF's own on average. A wrong template,
     weights or dtype cast breaks both by far."""
-    model, tokenizer = fp32_model
+    model, tokenizer = default_model
     prompts = gsm8k_prompts(16)
     hf_model = bf16_copy(model)
     hf = HFSampler(hf_model, tokenizer, HFSamplerConfig(show_progress=False))
     hf_texts = [samples[0] for samples in hf.generate(prompts, 1, GREEDY)]
     vllm_texts = [samples[0] for samples in engine.generate(prompts, 1, GREEDY)]
-    agree = [
-        a == b or common_prefix_tokens(a, b, tokenizer) >= 24
-        for a, b in zip(hf_texts, vllm_texts, strict=True)
-    ]
+    agree = greedy_agreement(hf_texts, vllm_texts, tokenizer)
     sequences = [
         prompt_token_ids(p, tokenizer) + tokenizer(t, add_special_tokens=False)["input_ids"]
         for p, t in zip(prompts, hf_texts, strict=True)
@@ -150,12 +140,12 @@ def test_bf16_greedy_outputs_of_hf_and_vllm_agree_on_default_model(engine, fp32_
     assert distance < 0.1
 
 
-def test_in_place_update_from_fp32_weights_into_bf16_engine(engine, fp32_model):
+def test_in_place_update_from_fp32_weights_into_bf16_engine(engine, default_model):
     """An fp32 model (as training leaves it) is perturbed and pushed into the bf16 engine; the
     engine must then score text as the perturbed model cast to bf16 does. Per-token logprobs
     are compared (greedy strings alone cannot tell bf16 rounding from a wrong update): the
     update moves them by far more than what separates the engine from the HF model."""
-    model, tokenizer = fp32_model
+    model, tokenizer = default_model
     prompts = gsm8k_prompts(4)
     before = engine.generate(prompts, 1, GREEDY)
     sequences = [
@@ -185,8 +175,7 @@ def test_in_place_update_from_fp32_weights_into_bf16_engine(engine, fp32_model):
         hf = HFSampler(updated_hf, tokenizer, HFSamplerConfig(show_progress=False))
         expected, updated = hf.generate(prompts, 1, GREEDY), engine.generate(prompts, 1, GREEDY)
         matching = sum(
-            a[0] == b[0] or common_prefix_tokens(a[0], b[0], tokenizer) >= 24
-            for a, b in zip(updated, expected, strict=True)
+            greedy_agreement([a[0] for a in updated], [b[0] for b in expected], tokenizer)
         )
         assert matching >= 3, (updated, expected)
     finally:

@@ -19,3 +19,12 @@ def common_prefix_tokens(a, b, tokenizer):
             break
         count += 1
     return count
+
+
+def greedy_agreement(texts_a, texts_b, tokenizer, prefix_tokens=24) -> list[bool]:
+    """Per prompt: equal completions, or ones sharing their first `prefix_tokens` tokens (a
+    near-tie flipped late by rounding changes the rest of a greedy completion)."""
+    return [
+        a == b or common_prefix_tokens(a, b, tokenizer) >= prefix_tokens
+        for a, b in zip(texts_a, texts_b, strict=True)
+    ]
