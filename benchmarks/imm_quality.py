@@ -351,10 +351,7 @@ def family_table(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Accuracy (with CIs), pass@k and distinct-2 per iteration, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from imm_trl.plots import new_figure, save_png
 
     k = results["settings"]["eval_samples"]
     panels = [
@@ -362,7 +359,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         (f"pass@{k}", f"pass@{k}"),
         ("distinct_2", "distinct-2"),
     ]
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
+    figure, axes = new_figure(2, 3, figsize=(13, 7), squeeze=False)
     methods = list(results["methods"])
     for row_index, name in enumerate(SETS):
         for col, (metric, label) in enumerate(panels):
@@ -390,11 +387,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_xlabel("iteration (0 = θ0)")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    try:
-        figure.savefig(path, format="png", dpi=100)
-    finally:
-        plt.close(figure)
+    save_png(figure, path)
 
 
 def markdown(results: dict[str, Any]) -> str:

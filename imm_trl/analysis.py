@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from imm_trl.files import write_atomically
+from imm_trl.plots import new_figure, save_png
 
 LAYER_PREFIX = "layers"
 JSON_NAME = "layer_analysis.json"
@@ -532,13 +533,8 @@ def _finite_or_none(value: float) -> float | None:
 
 def plot_layer_analysis(report: Mapping[str, Any], path: Path) -> None:
     """Two panels over the decoder layers: update magnitude (top) and importance (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     layers = range(len(report["update_magnitude"]))
-    figure, (top, bottom) = plt.subplots(
+    figure, (top, bottom) = new_figure(
         2, 1, sharex=True, figsize=(max(6.0, 0.3 * len(layers)), 6)
     )
     top.bar(layers, report["update_magnitude"], color="tab:blue")
@@ -551,11 +547,7 @@ def plot_layer_analysis(report: Mapping[str, Any], path: Path) -> None:
     bottom.axhline(0.0, color="black", linewidth=0.5)
     bottom.set_ylabel("importance")
     bottom.set_xlabel("decoder layer")
-    figure.tight_layout()
-    try:
-        figure.savefig(path, format="png", dpi=100)
-    finally:
-        plt.close(figure)
+    save_png(figure, path)
 
 
 def _format(value: float | None) -> str:

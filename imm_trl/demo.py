@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from imm_trl.files import write_atomically
+from imm_trl.plots import new_figure, save_png
 
 # recipes/default.yaml, value for value (tests/integration/test_demo.py checks they agree).
 DEFAULT_RECIPE: dict[str, Any] = {
@@ -246,12 +247,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
 
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """ID and OOD accuracy per iteration, with the bootstrap CI as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = new_figure(figsize=(6, 4))
     iterations = [row["iteration"] for row in rows]
     for offset, name in zip((-0.04, 0.04), SETS, strict=True):
         accuracy = [row[f"{name}_accuracy"] for row in rows]
@@ -273,21 +269,12 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: Path) -> None:
     axes.set_ylim(bottom=0)
     axes.legend()
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    try:
-        figure.savefig(path, format="png", dpi=100)
-    finally:
-        plt.close(figure)
+    save_png(figure, path)
 
 
 def plot_diversity(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Distinct-2 and answer entropy of the eval completions per iteration (lower = collapse)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    figure, (left, right) = new_figure(1, 2, figsize=(9, 3.5))
     iterations = [row["iteration"] for row in rows]
     for name in SETS:
         left.plot(
@@ -305,11 +292,7 @@ def plot_diversity(rows: Sequence[dict[str, Any]], path: Path) -> None:
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.tight_layout()
-    try:
-        figure.savefig(path, format="png", dpi=100)
-    finally:
-        plt.close(figure)
+    save_png(figure, path)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
