@@ -24,46 +24,44 @@ trainer feature (report_to, accelerate, PEFT, quantization) works as usual insid
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
+from imm_trl.checkpoints import (
+    DATASET_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    STATE_FILE,
+    checkpoint_tensors,
+    is_peft_model,
+    iteration_checkpoints,
+    merged_state_dict,
+    newest_intact_checkpoint,
+    newest_trainer_checkpoint,
+    read_dataset,
+    restore_checkpoint_tensors,
+    rotate_checkpoints,
+    save_merged_model,
+    work_directories,
+    work_directory,
+    write_checkpoint,
+    write_dataset,
+)
 from imm_trl.config import IMMConfig
 from imm_trl.distributed import whole_parameters
-from imm_trl.files import write_json_atomically
+from imm_trl.files import remove_stale_staging, write_json_atomically
+from imm_trl.fingerprint import differences, run_fingerprint
 from imm_trl.merging import FullWeightMerger, LoraMerger
 
-STATE_FILE = "imm_state.json"
-WEIGHTS_FILE = "merged_weights.safetensors"
-METRICS_FILE = "imm_metrics.json"
-MASTER_PREFIX = "imm_master::"
+logger = logging.getLogger(__name__)
 
-
-def is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def state_parameter_names(model) -> list[str]:
-    """Parameters that carry the run's state between iterations: for LoRA the merged base
-    weights of the targeted layers, modules_to_save and the adapter; otherwise all of them.
-    Quantized weights are left out: they are rebuilt from their master copies."""
-    named = list(model.named_parameters())
-    if not is_peft_model(model):
-        return [name for name, _ in named]
-    return [
-        name
-        for name, param in named
-        if ("base_layer.weight" in name and param.is_floating_point())
-        or "modules_to_save" in name
-        or "lora_" in name
-    ]
+__all__ = ["METRICS_FILE", "IMMCallback", "unpack_cpu_4bit_weights"]
 
 
 def unpack_cpu_4bit_weights(model) -> int:
@@ -89,115 +87,19 @@ def unpack_cpu_4bit_weights(model) -> int:
     return unpacked
 
 
-def merged_state_dict(model, masters: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The weights the model computes with, named as in a plain transformers checkpoint: what a
-    sampler with its own copy of the model (vLLM) must load after a merge.
-
-    For a PEFT model this is the base model (the adapter was reset after the merge, so B = 0
-    and it adds nothing) without the LoRA factors, `modules_to_save` by their trained copy, and
-    each bitsandbytes-quantized weight by its master copy from `masters` (else dequantized).
-    """
-    from imm_trl.merging.lora import dequantize, is_quantized
-
-    if not is_peft_model(model):
-        return {name: param.detach() for name, param in model.named_parameters()}
-    masters = masters or {}
-    modules = dict(model.get_base_model().named_modules())
-    weights = {}
-    for name, param in model.get_base_model().named_parameters():
-        if "lora_" in name or ".original_module." in name:
-            continue
-        hf_name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        if hf_name in masters:
-            weights[hf_name] = masters[hf_name]
-        elif is_quantized(param):
-            weights[hf_name] = dequantize(modules[name.rsplit(".", 1)[0]])
-        else:
-            weights[hf_name] = param.detach()
-    return weights
-
-
-def save_merged_model(directory: Path, model, tokenizer) -> Path:
-    """A plain transformers model directory holding the model's current weights, from which
-    a separate engine (vLLM) can start; written atomically."""
-    config = model.get_base_model().config if is_peft_model(model) else model.config
-    config_dict = config.to_dict()
-    config_dict.pop("quantization_config", None)  # the engine gets dense (dequantized) weights
-    staging = Path(tempfile.mkdtemp(prefix=".sampler-model.", dir=directory.parent))
-    try:
-        (staging / "config.json").write_text(json.dumps(config_dict, indent=2))
-        weights = merged_state_dict(model)
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / "model.safetensors")
-        tokenizer.save_pretrained(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
-
-
-def write_checkpoint(directory: Path, iteration: int, weights: dict[str, torch.Tensor], state: dict) -> None:
-    """Write `iteration-<t>/` atomically: a temporary directory renamed into place."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"iteration-{iteration}"
-    staging = Path(tempfile.mkdtemp(prefix=f".iteration-{iteration}.", dir=directory))
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS_FILE)
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def checkpoint_tensors(model, merger) -> dict[str, torch.Tensor]:
-    """What an iteration checkpoint holds: the parameters of `state_parameter_names` and, for
-    QLoRA, each quantized weight's master copy (the truth; the 4/8-bit weight is its rounding).
-    Whole tensors only where the model's parameters are whole (inside `whole_parameters`)."""
-    params = dict(model.named_parameters())
-    tensors = {name: params[name] for name in state_parameter_names(model)}
-    for target in getattr(merger, "targets", {}).values():
-        if target.quantized:
-            tensors[MASTER_PREFIX + target.name] = target.master
-    return tensors
-
-
-@torch.no_grad()
-def restore_checkpoint_tensors(model, merger, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy a checkpoint's tensors (`checkpoint_tensors`) back into the model and the merger's
-    master copies, in place."""
-    from imm_trl.merging.lora import requantize
-
-    params = dict(model.named_parameters())
-    masters = {t.name: t for t in getattr(merger, "targets", {}).values() if t.quantized}
-    unknown = [n for n in tensors if n not in params and n.removeprefix(MASTER_PREFIX) not in masters]
-    if unknown:
-        raise ValueError(
-            f"checkpoint {source} holds weights {unknown[:3]} that this model lacks; "
-            "resume with the same model and LoRA configuration"
-        )
-    for name, tensor in tensors.items():
-        if name.startswith(MASTER_PREFIX):
-            target = masters[name.removeprefix(MASTER_PREFIX)]
-            target.master.copy_(tensor)
-            requantize(target.base_layer, target.master)
-        else:
-            params[name].copy_(tensor)
-
-
-def last_checkpoint(directory: Path) -> Path | None:
-    """The completed iteration checkpoint with the highest iteration number, if any."""
-    done = [p for p in directory.glob("iteration-*") if (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-@contextmanager
-def timed(timings: dict[str, float], key: str):
-    start = time.perf_counter()
-    yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+def no_verified_data_message(iteration: int, stats: dict[str, Any]) -> str:
+    """Why D_t came out empty, with the counts that explain it."""
+    malformed = stats.get("malformed_rows") or []
+    examples = ", ".join(f"row {row}: {why}" for row, why in malformed[:3])
+    return (
+        f"iteration {iteration}: no verified-correct completion. Of {stats.get('questions', 0)} "
+        f"questions {stats.get('usable_questions', 0)} were usable ({len(malformed)} malformed"
+        f"{': ' + examples if examples else ''}); {stats.get('samples', 0)} samples, "
+        f"{stats.get('correct_samples', 0)} correct, {stats.get('empty_completions', 0)} empty, "
+        f"{stats.get('verifier_errors', 0)} verifier errors, {stats.get('timeouts', 0)} verifier "
+        f"timeouts. Fix the malformed rows or the verifier if those counts are high; otherwise raise "
+        f"samples_per_question, use an easier task, or mix in gold solutions with real_data_ratio > 0"
+    )
 
 
 class IMMCallback(TrainerCallback):
@@ -208,6 +110,10 @@ class IMMCallback(TrainerCallback):
         config: The `IMMConfig`.
         sampler: Any `Sampler`; default the backend `config.sampler` names, over the trainer's
             model (HF `generate`) or over a vLLM engine started from the model's weights.
+
+    The output directory is checked before any engine starts: a fresh run refuses a directory
+    holding another run (unless `overwrite`), and a resume refuses checkpoints whose fingerprint
+    differs from this run's, naming each differing field (`imm_trl.fingerprint`).
     """
 
     def __init__(self, trainer, config: IMMConfig, sampler=None):
@@ -218,6 +124,8 @@ class IMMCallback(TrainerCallback):
         self.output_dir = Path(config.output_dir or Path(trainer.args.output_dir) / "imm")
         self.history: list[dict[str, Any]] = []
         self._train_losses: list[float] = []
+        self._timings: dict[str, float] = {}
+        self._iteration = 0
         model = trainer.model
         unpack_cpu_4bit_weights(model)  # theta0 must be read from plain 4-bit weights
         with whole_parameters(model):
@@ -225,7 +133,11 @@ class IMMCallback(TrainerCallback):
                 self.merger = LoraMerger(model, config.merge_config, reset_seed=config.seed)
             else:
                 self.merger = FullWeightMerger(model, config.merge_config)
-        self.sampler = sampler or self._default_sampler()
+            self.fingerprint = run_fingerprint(trainer, config)
+            self.completed_iterations = self._open_output_dir()
+        self._sampler_model_dir: Path | None = None
+        with self.phase("engine start"):
+            self.sampler = sampler or self._default_sampler()
         if trainer.accelerator.num_processes > 1:
             from imm_trl.distributed import ShardedSampler
 
@@ -235,17 +147,18 @@ class IMMCallback(TrainerCallback):
 
     def _default_sampler(self):
         tokenizer = self.trainer.processing_class
+        settings = self.config.sampler_config_class()(**self.config.sampler_kwargs)
         if self.config.sampler == "vllm":
             from imm_trl.sampling import VLLMSampler
 
             model_dir = self.output_dir / f"sampler-model-rank{self.trainer.accelerator.process_index}"
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             with whole_parameters(self.trainer.model, modify=False):
                 save_merged_model(model_dir, self.trainer.model, tokenizer)
-            return VLLMSampler(model_dir, tokenizer, self.config.sampler_config_class()(**self.config.sampler_kwargs))
+            self._sampler_model_dir = model_dir
+            return VLLMSampler(model_dir, tokenizer, settings)
         from imm_trl.sampling import HFSampler
 
-        return HFSampler(self.trainer.model, tokenizer, self.config.sampler_config_class()(**self.config.sampler_kwargs))
+        return HFSampler(self.trainer.model, tokenizer, settings)
 
     # -- callback events -------------------------------------------------------------------
 
@@ -253,66 +166,109 @@ class IMMCallback(TrainerCallback):
         if logs and "loss" in logs:
             self._train_losses.append(float(logs["loss"]))
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # A trainer checkpoint at the last step of each iteration's SFT (when the user saves at
+        # all), so that a crash in the merge, checkpoint write or eval does not redo training.
+        if args.save_strategy != "no" and state.global_step >= state.max_steps:
+            control.should_save = True
+
     # -- the loop --------------------------------------------------------------------------
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time one phase of the current iteration and announce it (log level INFO)."""
+        logger.info("iteration %d/%d: %s", self._iteration, self.config.iterations, name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timings[name] = self._timings.get(name, 0.0) + time.perf_counter() - start
 
     def train(self, *args, **kwargs):
         """Run all remaining IMM iterations; returns the last iteration's `TrainOutput`."""
         output = None
-        first = self._first_iteration()
-        if first > 1:
-            self.refresh_sampler()  # a separate engine must see the restored weights
-        if first == 1 and self.config.eval_sets and self.config.eval_at_start:
-            self.record({"iteration": 0, **self.evaluate()})
-        for iteration in range(first, self.config.iterations + 1):
+        if self.completed_iterations > 0:
+            self.refresh_sampler()  # a sampler given by the caller may hold theta0's weights
+            if self.history[-1].get("pending"):
+                self.finish_iteration(self.history.pop())
+        elif self.config.eval_sets and self.config.eval_at_start and not self.history:
+            with self.phase("eval"):
+                self.record({"iteration": 0, **self.evaluate()})
+        for iteration in range(self.completed_iterations + 1, self.config.iterations + 1):
             output = self.run_iteration(iteration)
+        self._remove_sampler_model()
         return output
 
     def run_iteration(self, iteration: int):
         trainer, config = self.trainer, self.config
-        timings: dict[str, float] = {}
-        with timed(timings, "sampling"):
-            dataset, sampling_stats = self.build_dataset(iteration)
+        self._iteration, self._timings = iteration, {}
+        work = work_directory(self.output_dir, iteration)
+        with self.phase("sampling"):
+            dataset, sampling_stats = self.build_dataset(iteration, work)
         if len(dataset) == 0:
-            raise RuntimeError(
-                f"iteration {iteration}: no verified-correct completion among "
-                f"{config.samples_per_question} samples per question; raise samples_per_question, "
-                "use an easier task, or mix in gold solutions with real_data_ratio > 0"
-            )
-        with timed(timings, "train"):
-            trainer.train_dataset = trainer._prepare_dataset(
-                dataset, trainer.processing_class, trainer.args, trainer.args.packing, None, "train"
-            )
-            if config.epochs_per_iteration is not None:
-                trainer.args.num_train_epochs = config.epochs_per_iteration
-            if config.reset_optimizer:
-                trainer.optimizer, trainer.lr_scheduler = None, None
-            self._train_losses = []
-            unpack_cpu_4bit_weights(trainer.model)
-            output = self._train_one_iteration()
-        with timed(timings, "merge"), whole_parameters(trainer.model):
+            raise RuntimeError(no_verified_data_message(iteration, sampling_stats))
+        with self.phase("train"):
+            output = self.train_on(dataset, work / "trainer")
+        with self.phase("merge"), whole_parameters(trainer.model):
             if is_peft_model(trainer.model):
                 self.merger.merge(trainer.model, iteration=iteration, reset=config.reset_adapter)
             else:
                 self.merger.merge(trainer.model, iteration=iteration)
-        with timed(timings, "sampler_refresh"):
-            self.refresh_sampler()
-        with timed(timings, "eval"):
-            eval_metrics = self.evaluate() if config.eval_sets else {}
         metrics = {
             "iteration": iteration,
             "train_loss": sum(self._train_losses) / max(len(self._train_losses), 1),
-            **{f"sampling/{k}": v for k, v in sampling_stats.items()},
-            **eval_metrics,
+            **{f"sampling/{k}": v for k, v in sampling_stats.items() if k != "malformed_rows"},
+            "sampling/malformed_row_count": len(sampling_stats.get("malformed_rows") or []),
         }
-        with timed(timings, "checkpoint"):
-            with whole_parameters(trainer.model, modify=False):  # collective; rank 0 writes
-                if trainer.is_world_process_zero():
-                    self._save(iteration, [*self.history, metrics])
-            trainer.accelerator.wait_for_everyone()
-        metrics.update({f"seconds/{k}": v for k, v in timings.items()})
-        metrics["seconds/iteration"] = sum(timings.values())
-        self.record(metrics)
+        with self.phase("checkpoint"):
+            self.save_checkpoint(iteration, [*self.history, {**metrics, "pending": True}])
+        self.completed_iterations = iteration
+        with self.phase("sampler refresh"):
+            self.refresh_sampler()
+        self.finish_iteration(metrics)
         return output
+
+    def finish_iteration(self, metrics: dict[str, Any]) -> None:
+        """Score the eval sets on G_t (its checkpoint is already written, so a crash here
+        redoes only this), record iteration t, and mark its checkpoint finished."""
+        metrics = {k: v for k, v in metrics.items() if k != "pending"}
+        self._iteration = metrics["iteration"]
+        if self.config.eval_sets:
+            with self.phase("eval"):
+                metrics.update(self.evaluate())
+        metrics.update({f"seconds/{k.replace(' ', '_')}": v for k, v in self._timings.items()})
+        metrics["seconds/iteration"] = sum(self._timings.values())
+        self.record(metrics)
+        if self.trainer.is_world_process_zero():
+            path = self.output_dir / f"iteration-{metrics['iteration']}" / STATE_FILE
+            write_json_atomically(path, {**json.loads(path.read_text()), "history": self.history})
+        self.trainer.accelerator.wait_for_everyone()
+
+    def train_on(self, dataset, checkpoint_dir: Path):
+        """One ordinary `Trainer.train()` on D_t, with the trainer's own checkpoints under
+        `checkpoint_dir`, continuing from the newest of them if a crash left one."""
+        trainer, config = self.trainer, self.config
+        trainer.train_dataset = trainer._prepare_dataset(
+            dataset, trainer.processing_class, trainer.args, trainer.args.packing, None, "train"
+        )
+        if config.epochs_per_iteration is not None:
+            trainer.args.num_train_epochs = config.epochs_per_iteration
+        if config.reset_optimizer:
+            trainer.optimizer, trainer.lr_scheduler = None, None
+        self._train_losses = []
+        unpack_cpu_4bit_weights(trainer.model)
+        # Each iteration's SFT depends only on (G_{t-1}, D_t, seed), not on what ran before it
+        # in this process: a resumed run skips sampling, which draws from the global RNG.
+        set_seed(trainer.args.seed + self._iteration)
+        resume_from = newest_trainer_checkpoint(checkpoint_dir)
+        if resume_from is not None:
+            logger.info("continuing SFT from the trainer checkpoint %s", resume_from)
+        user_output_dir = trainer.args.output_dir
+        trainer.args.output_dir = str(checkpoint_dir)
+        try:
+            return self._train_one_iteration(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            trainer.args.output_dir = user_output_dir
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Keep one iteration's metrics: in `history`, in the JSON metrics file, and through the
@@ -323,15 +279,27 @@ class IMMCallback(TrainerCallback):
             write_json_atomically(self.output_dir / METRICS_FILE, self.history)
         self.trainer.log({f"imm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    def build_dataset(self, iteration: int):
-        """D_t: sample with the current merged model, keep verified-correct answers."""
+    def build_dataset(self, iteration: int, work: Path):
+        """D_t: sampled with the current merged model, verified-correct answers kept, and
+        saved under `work` once sampling ends; a resumed iteration reads it back instead."""
+        from datasets import Dataset
+
         from imm_trl.rejection import RejectionSampler
 
-        result = RejectionSampler(self.sampler, self.config.rejection_config(iteration)).run(
-            self.config.questions
-        )
-        self.last_dataset = result.dataset
-        return result.dataset, result.stats.as_dict()
+        rejection_config = self.config.rejection_config(iteration)
+        saved = read_dataset(work / DATASET_FILE)
+        if saved is not None and saved.get("seed") == rejection_config.seed:
+            logger.info("iteration %d: reusing the D_t saved in %s", iteration, work)
+            rows, stats = saved["rows"], saved["stats"]
+        else:
+            result = RejectionSampler(self.sampler, rejection_config).run(self.config.questions)
+            rows, stats = result.dataset.to_list(), result.stats.as_dict()
+            if self.trainer.is_world_process_zero():
+                write_dataset(work / DATASET_FILE, rows, stats, rejection_config.seed)
+            self.trainer.accelerator.wait_for_everyone()
+        dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({"prompt": [], "completion": []})
+        self.last_dataset = dataset
+        return dataset, stats
 
     def refresh_sampler(self) -> None:
         """Give a sampler with its own copy of the weights (vLLM) the merged model G_t; an HF
@@ -354,22 +322,107 @@ class IMMCallback(TrainerCallback):
             metrics.update({f"eval/{name}/{k}": v for k, v in scores.items()})
         return metrics
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- the output directory ----------------------------------------------------------------
 
-    def _save(self, iteration: int, history: list[dict[str, Any]]) -> None:
-        state = {"iteration": iteration, "history": history}
-        write_checkpoint(self.output_dir, iteration, checkpoint_tensors(self.trainer.model, self.merger), state)
+    def save_checkpoint(self, iteration: int, history: list[dict[str, Any]]) -> None:
+        """Publish iteration-<t>, rotate old checkpoints, drop iteration t's work directory.
+        Collective (whole parameters); rank 0 writes."""
+        with whole_parameters(self.trainer.model, modify=False):
+            if self.trainer.is_world_process_zero():
+                state = {"iteration": iteration, "history": history, "fingerprint": self.fingerprint}
+                tensors = checkpoint_tensors(self.trainer.model, self.merger)
+                write_checkpoint(self.output_dir, iteration, tensors, state)
+                rotate_checkpoints(self.output_dir, self.config.save_total_limit)
+                shutil.rmtree(work_directory(self.output_dir, iteration), ignore_errors=True)
+        self.trainer.accelerator.wait_for_everyone()
 
-    def _first_iteration(self) -> int:
-        if not self.config.resume:
-            return 1
-        checkpoint = last_checkpoint(self.output_dir)
-        if checkpoint is None:
-            return 1
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        with whole_parameters(self.trainer.model):  # every process loads; shards rewritten
-            restore_checkpoint_tensors(
-                self.trainer.model, self.merger, load_file(checkpoint / WEIGHTS_FILE), checkpoint
+    def _open_output_dir(self) -> int:
+        """Check the output directory against this run and restore what a resume continues
+        from; returns the number of completed iterations."""
+        config, out = self.config, self.output_dir
+        is_main = self.trainer.is_world_process_zero()
+        _check_writable(out)
+        if is_main:
+            remove_stale_staging(out)
+        run_file = out / RUN_FILE
+        saved_run = json.loads(run_file.read_text()) if run_file.is_file() else None
+        found = [p.name for _, p in iteration_checkpoints(out)] + [p.name for p in work_directories(out)]
+        completed = 0
+        if not config.resume:
+            if saved_run is not None or found:
+                if not config.overwrite:
+                    raise FileExistsError(
+                        f"{out} holds another run ({', '.join(sorted(found)) or RUN_FILE}); pass "
+                        "resume=True to continue it, overwrite=True to delete it and start over, "
+                        "or choose another output_dir"
+                    )
+                if is_main:
+                    self._delete_run_files()
+        else:
+            if saved_run is not None:
+                self._check_fingerprint(saved_run.get("fingerprint"), run_file)
+            newest = newest_intact_checkpoint(out)
+            if newest is not None:
+                path, state, tensors = newest
+                self._check_fingerprint(state.get("fingerprint"), path)
+                completed = state["iteration"]
+                if completed > config.iterations:
+                    raise ValueError(
+                        f"{path} holds {completed} completed iterations but iterations="
+                        f"{config.iterations}; ask for at least {completed} (or load that "
+                        "checkpoint's model instead of resuming)"
+                    )
+                restore_checkpoint_tensors(self.trainer.model, self.merger, tensors, path)
+                self.history = state["history"]
+                logger.info("resuming after iteration %d from %s", completed, path)
+            elif (out / METRICS_FILE).is_file() and saved_run is not None:
+                self.history = json.loads((out / METRICS_FILE).read_text())  # theta0's eval
+            if is_main:
+                for stale in work_directories(out):
+                    if int(stale.name.split("-")[1]) != completed + 1:
+                        shutil.rmtree(stale)
+        if is_main and (saved_run is None or not config.resume):
+            write_json_atomically(run_file, {"fingerprint": self.fingerprint})
+        self.trainer.accelerator.wait_for_everyone()
+        return completed
+
+    def _check_fingerprint(self, saved: dict | None, source: Path) -> None:
+        if saved is None:
+            raise ValueError(
+                f"{source} has no run fingerprint (written by an older imm-trl); it cannot be "
+                "checked against this run: start a new output_dir or pass overwrite=True"
             )
-        self.history = state["history"]
-        return state["iteration"] + 1
+        changed = differences(saved, self.fingerprint)
+        if changed:
+            raise ValueError(
+                f"resume: this run differs from the one in {source.parent if source.is_file() else source}: "
+                + "; ".join(changed)
+                + ". Resume with the same settings, or start a new output_dir (or overwrite=True)"
+            )
+
+    def _delete_run_files(self) -> None:
+        out = self.output_dir
+        for _, path in iteration_checkpoints(out):
+            shutil.rmtree(path)
+        for path in work_directories(out):
+            shutil.rmtree(path)
+        for name in (RUN_FILE, METRICS_FILE):
+            (out / name).unlink(missing_ok=True)
+
+    def _remove_sampler_model(self) -> None:
+        if self._sampler_model_dir is not None and not self.config.keep_sampler_model:
+            shutil.rmtree(self._sampler_model_dir, ignore_errors=True)
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail now, not after the first iteration, if `directory` cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{time.time_ns()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write the IMM output directory {directory} ({error.strerror}); choose a "
+            "writable output_dir"
+        ) from error

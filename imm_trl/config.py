@@ -122,7 +122,27 @@ class IMMConfig:
         metadata={"help": "Where iteration checkpoints and metrics go; default <trainer output_dir>/imm."},
     )
     resume: bool = field(
-        default=False, metadata={"help": "Continue from the last completed iteration in output_dir."}
+        default=False,
+        metadata={
+            "help": "Continue the run in output_dir: from its newest intact iteration checkpoint, "
+            "its saved D_t and the trainer's own checkpoints inside the iteration. Refused if the "
+            "saved run's fingerprint (settings, base model, LoRA layout) differs from this one."
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Delete another run's checkpoints in output_dir and start over."},
+    )
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "Keep only the newest this-many iteration checkpoints (the newest plus a "
+            "fallback, by default); None keeps all."
+        },
+    )
+    keep_sampler_model: bool = field(
+        default=False,
+        metadata={"help": "Keep the vLLM engine's model copy (sampler-model-rank<k>) after the run."},
     )
 
     def __post_init__(self) -> None:
@@ -132,6 +152,12 @@ class IMMConfig:
             raise ValueError(f"samples_per_question must be >= 1, got {self.samples_per_question}")
         if not 0.0 <= self.real_data_ratio < 1.0:
             raise ValueError(f"real_data_ratio must be in [0, 1), got {self.real_data_ratio}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(
+                f"save_total_limit must be >= 1 or None (keep all), got {self.save_total_limit}"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: choose one")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
         if self.sampler not in ("hf", "vllm"):

@@ -249,7 +249,7 @@ def run_imm(recipe: Recipe | str | Path, overrides: list[str] | None = None):
 
 def save_final_model(trainer, callback) -> Path:
     """G_T as a plain model directory (`from_pretrained`-ready): <imm output_dir>/final."""
-    from imm_trl.callback import save_merged_model
+    from imm_trl.checkpoints import save_merged_model
 
     return save_merged_model(callback.output_dir / "final", trainer.model, trainer.processing_class)
 

@@ -118,7 +118,7 @@ def test_full_weight_merges_equal_the_unsharded_merges(run, scenario):
 def assert_restored(out: Path, scenario: str, merged: dict[str, torch.Tensor], model) -> None:
     """The checkpoint holds the merged weights the callback checkpoints (whole, not shards),
     and restoring it into a fresh sharded model gives them back."""
-    from imm_trl.callback import state_parameter_names
+    from imm_trl.checkpoints import state_parameter_names
 
     (checkpoint,) = (out / f"{scenario}-checkpoints").iterdir()
     saved = load_file(checkpoint / "merged_weights.safetensors")

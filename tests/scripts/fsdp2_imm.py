@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from imm_trl.callback import (
+from imm_trl.checkpoints import (
     checkpoint_tensors,
-    last_checkpoint,
+    newest_intact_checkpoint,
     restore_checkpoint_tensors,
     write_checkpoint,
 )
@@ -98,8 +98,8 @@ def checkpoint_and_restore(scenario: str, model, merger, mesh, out_dir: Path) ->
     fresh = build_model(scenario)
     shard(fresh, mesh)
     with whole_parameters(fresh):
-        source = last_checkpoint(directory)
-        restore_checkpoint_tensors(fresh, None, load_file(source / "merged_weights.safetensors"), source)
+        source, _, tensors = newest_intact_checkpoint(directory)
+        restore_checkpoint_tensors(fresh, None, tensors, source)
     write(out_dir, f"{scenario}.restored", gathered(fresh))
 
 
