@@ -16,6 +16,10 @@ the whole set when `samples` = 1 (then they measure answering every question ali
 - `duplicate_share`: share of the group's completions equal to an earlier one (after strip).
 
 The pure functions are exposed too, and as local `evaluate` modules (`imm_trl.metrics`).
+
+`imm-trl eval MODEL --against OTHER` scores a second model on the same questions and adds the
+paired comparison of each set (`imm_trl.stats.paired_difference`): the difference of
+accuracies with a paired bootstrap interval, the exact McNemar p-value and the discordant counts.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from imm_trl.rejection import pass_at_k
 from imm_trl.sampling.base import Sampler, SamplingParams
+from imm_trl.stats import PairedComparison, paired_difference
 from imm_trl.tasks.base import QuestionSet, TaskSuite
 from imm_trl.verify import get_verifier, predicted_number, reasoning_gym_answer
 
@@ -148,10 +154,15 @@ def score_completions(
     bootstrap: int = 1000,
     seed: int = 0,
     verifier_time_limit_s: float = 1.0,
-) -> dict[str, float]:
+    per_question: bool = False,
+) -> dict[str, Any]:
     """The report for given completions: `greedy` (one per question) and optionally `sampled`
     (k per question). Rows whose gold the verifier cannot read count as wrong and are counted
-    in `bad_gold`; check timeouts count as wrong and are counted in `timeouts`."""
+    in `bad_gold`; check timeouts count as wrong and are counted in `timeouts`.
+
+    With `per_question`, the report also holds `correct`: the greedy verdict of each question
+    (1 or 0, in question order), for paired comparisons of two models. It is off by default
+    because every other value is a scalar that training callbacks log as a metric."""
     rows = question_set.rows
     if len(greedy) != len(rows) or (sampled is not None and len(sampled) != len(rows)):
         raise ValueError("one greedy completion (and one list of samples) per question needed")
@@ -192,6 +203,8 @@ def score_completions(
     report.update(collapse_metrics(groups, question_set.verifier))
     report["bad_gold"] = bad_gold
     report["timeouts"] = verifier.counts["timeout"]  # over all checks, greedy and sampled
+    if per_question:
+        report["correct"] = [int(c) for c in correct]
     return report
 
 
@@ -204,10 +217,12 @@ def evaluate_question_set(
     max_new_tokens: int = 64,
     seed: int = 0,
     bootstrap: int = 1000,
-) -> dict[str, float]:
+    per_question: bool = False,
+) -> dict[str, Any]:
     """Greedy accuracy (one greedy completion per question) with a bootstrap CI and collapse
     metrics; with `samples` > 1 also pass@1 and pass@`samples` from that many completions per
-    question at `temperature` (which must then be above 0)."""
+    question at `temperature` (which must then be above 0). `per_question` adds the greedy
+    verdicts as `correct` (see `score_completions`)."""
     if samples < 1:
         raise ValueError("samples must be at least 1")
     if samples > 1 and temperature <= 0:
@@ -223,7 +238,9 @@ def evaluate_question_set(
         )
         sampled = sampler.generate(prompts, samples, sampled_params)
     generation_seconds = time.perf_counter() - start
-    report = score_completions(question_set, greedy, sampled, bootstrap=bootstrap, seed=seed)
+    report = score_completions(
+        question_set, greedy, sampled, bootstrap=bootstrap, seed=seed, per_question=per_question
+    )
     report["generation_seconds"] = generation_seconds
     return report
 
@@ -320,10 +337,26 @@ def format_report_line(name: str, report: dict[str, float]) -> str:
     )
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """`imm-trl eval`: evaluate a model (or adapter) on a suite's eval sets or a JSONL file."""
-    question_sets, max_new_tokens = question_sets_from_args(args)
-    sampler = load_sampler(args.model_dir, args.adapter, args.sampler, args.dtype)
+def format_paired_line(name: str, comparison: PairedComparison) -> str:
+    return (
+        f"{name:<24} paired n={comparison.n:<4} difference={comparison.difference:+.3f} "
+        f"[{comparison.ci_low:+.3f}, {comparison.ci_high:+.3f}] "
+        f"mcnemar_p={comparison.mcnemar_p:.4g} only_model={comparison.only_a} "
+        f"only_against={comparison.only_b}"
+    )
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    adapter: str | Path | None,
+    question_sets: dict[str, QuestionSet],
+    max_new_tokens: int,
+    args: argparse.Namespace,
+    label: str = "",
+) -> dict[str, dict[str, Any]]:
+    """One model's reports on every question set (with per-question verdicts), each printed as
+    it is done; the sampler is closed before returning, so that a second vLLM engine can start."""
+    sampler = load_sampler(model_dir, adapter, args.sampler, args.dtype)
     reports = {}
     for name, questions in question_sets.items():
         reports[name] = evaluate_question_set(
@@ -334,10 +367,46 @@ def run_eval(args: argparse.Namespace) -> int:
             max_new_tokens=max_new_tokens,
             seed=args.seed,
             bootstrap=args.bootstrap,
+            per_question=True,
         )
-        print(format_report_line(name, reports[name]), flush=True)
+        print(format_report_line(name + label, reports[name]), flush=True)
     if hasattr(sampler, "close"):
         sampler.close()
+    return reports
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`imm-trl eval`: evaluate a model (or adapter) on a suite's eval sets or a JSONL file,
+    and with --against (or --against-adapter) compare it with a second one, paired by question."""
+    question_sets, max_new_tokens = question_sets_from_args(args)
+    reports = evaluate_model(args.model_dir, args.adapter, question_sets, max_new_tokens, args)
+    against = args.against
+    if against is None and args.against_adapter is not None:
+        against = args.model_dir  # another adapter on the same base model
+    comparison_out: dict[str, Any] = {}  # the --out keys of a comparison
+    if against is not None:
+        against_reports = evaluate_model(
+            against, args.against_adapter, question_sets, max_new_tokens, args, " (against)"
+        )
+        paired = {
+            name: paired_difference(
+                reports[name]["correct"],
+                against_reports[name]["correct"],
+                resamples=args.bootstrap,
+                seed=args.seed,
+            )
+            for name in question_sets
+        }
+        for name, comparison in paired.items():
+            print(format_paired_line(name, comparison), flush=True)
+        comparison_out = {
+            "against": {
+                "model": str(against),
+                "adapter": None if args.against_adapter is None else str(args.against_adapter),
+                "sets": against_reports,
+            },
+            "paired": {name: asdict(comparison) for name, comparison in paired.items()},
+        }
     if args.out is not None:
         out = {
             "model": str(args.model_dir),
@@ -351,6 +420,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 "max_new_tokens": max_new_tokens,
             },
             "sets": reports,
+            **comparison_out,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -368,6 +438,16 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("model_dir", help="model directory, or 'default' for the default model")
     parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
+    parser.add_argument(
+        "--against",
+        help="a second model directory ('default': the default model) scored on the same "
+        "questions with the same settings; adds the paired difference of each set",
+    )
+    parser.add_argument(
+        "--against-adapter",
+        type=Path,
+        help="PEFT LoRA adapter of the second model (without --against: on model_dir)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--suite", help="task suite name (see imm_trl.tasks.SUITES)")
     source.add_argument("--jsonl", type=Path, help="GSM8K-format JSONL file (question, answer)")
@@ -389,6 +469,10 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="seed of questions and sampling")
-    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the report as JSON here (with --against: also 'against' and 'paired')",
+    )
     parser.set_defaults(func=run_eval)
     return parser

@@ -4,6 +4,8 @@
 import argparse
 import json
 import math
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from imm_trl.eval import (
     pass_at_k,
     score_completions,
 )
+from imm_trl.stats import paired_difference
 from imm_trl.tasks import QuestionSet, load_jsonl_questions, load_suite
 
 GSM8K_FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k" / "test_sample.jsonl"
@@ -185,6 +188,14 @@ def test_bad_gold_counts_as_wrong_and_is_reported():
     assert sampled["bad_gold"] == 1 and sampled["pass@2"] == 0.5
 
 
+def test_score_reports_per_question_verdicts_on_request():
+    questions = gsm8k_set([4, 6, 10, 3])
+    greedy = ["Answer: 4", "The answer is 6.", "Answer: 11", "no idea"]
+    assert "correct" not in score_completions(questions, greedy)  # scalars only, for loggers
+    report = score_completions(questions, greedy, per_question=True)
+    assert report["correct"] == [1, 1, 0, 0] and report["accuracy"] == 0.5
+
+
 def test_score_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="one greedy completion"):
         score_completions(gsm8k_set([1, 2]), ["Answer: 1"])
@@ -321,6 +332,117 @@ def test_eval_command_on_a_saved_tiny_model(tmp_path, capsys):
     assert with_adapter["accuracy"] == base["accuracy"]
     with pytest.raises(SystemExit):  # --suite and --jsonl exclude each other
         parser.parse_args(["eval", "m", "--suite", "default", "--jsonl", "x.jsonl"])
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imm-trl")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_eval_command_against_the_same_and_another_tiny_model(tmp_path, capsys):
+    from imm_trl.models import tiny_model
+
+    for seed in (0, 1):
+        model, tokenizer = tiny_model(seed=seed)
+        model.save_pretrained(tmp_path / f"seed{seed}")
+        tokenizer.save_pretrained(tmp_path / f"seed{seed}")
+    out = tmp_path / "report.json"
+    common = ["--suite", "default", "--sets", "ood", "--limit", "4", "--max-new-tokens", "4"]
+    common += ["--bootstrap", "100", "--out", str(out)]
+    parser = eval_parser()
+
+    args = parser.parse_args(
+        ["eval", str(tmp_path / "seed0"), "--against", str(tmp_path / "seed0")] + common
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["against"]["model"] == str(tmp_path / "seed0")
+    assert report["against"]["sets"]["ood"]["correct"] == report["sets"]["ood"]["correct"]
+    assert report["paired"]["ood"] == {
+        "n": 4,
+        "accuracy_a": report["sets"]["ood"]["accuracy"],
+        "accuracy_b": report["sets"]["ood"]["accuracy"],
+        "difference": 0.0,
+        "ci_low": 0.0,
+        "ci_high": 0.0,
+        "only_a": 0,
+        "only_b": 0,
+        "mcnemar_p": 1.0,
+    }
+    printed = capsys.readouterr().out
+    assert "ood (against)" in printed
+    assert "paired n=4    difference=+0.000 [+0.000, +0.000] mcnemar_p=1 " in printed
+
+    args = parser.parse_args(
+        ["eval", str(tmp_path / "seed0"), "--against", str(tmp_path / "seed1")] + common
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    mine, theirs = report["sets"]["ood"], report["against"]["sets"]["ood"]
+    assert mine["mean_completion_chars"] != theirs["mean_completion_chars"]  # another model
+    expected = paired_difference(mine["correct"], theirs["correct"], resamples=100, seed=0)
+    assert report["paired"]["ood"] == asdict(expected)
+    assert (
+        f"paired n=4    difference={expected.difference:+.3f} "
+        f"[{expected.ci_low:+.3f}, {expected.ci_high:+.3f}] mcnemar_p={expected.mcnemar_p:.4g} "
+        f"only_model={expected.only_a} only_against={expected.only_b}"
+    ) in capsys.readouterr().out
+
+
+class ScriptedSampler:
+    """Answers "question i" right when i is in `right`, wrong otherwise; records its closing."""
+
+    def __init__(self, right, log):
+        self.right, self.log = right, log
+
+    def generate(self, prompts, n, params):
+        numbers = [int(re.findall(r"question (\d+)", str(prompt))[-1]) for prompt in prompts]
+        return [[f"Answer: {i if i in self.right else -1}"] * n for i in numbers]
+
+    def close(self):
+        self.log.append(f"close {sorted(self.right)}")
+
+
+def test_eval_command_against_reports_the_paired_figures(tmp_path, monkeypatch, capsys):
+    # 12 questions: A right on question 0 only, B right on 1..9: only_a 1, only_b 9.
+    questions = tmp_path / "hand.jsonl"
+    questions.write_text(
+        "".join(
+            json.dumps({"question": f"question {i}", "answer": f"#### {i}"}) + "\n"
+            for i in range(12)
+        )
+    )
+    log = []
+
+    def load_scripted(model_dir, adapter=None, backend="hf", dtype="float32"):
+        log.append(f"load {model_dir} {adapter}")
+        return ScriptedSampler({0} if model_dir == "a" else set(range(1, 10)), log)
+
+    monkeypatch.setattr("imm_trl.eval.load_sampler", load_scripted)
+    out = tmp_path / "report.json"
+    args = eval_parser().parse_args(
+        ["eval", "a", "--against", "b", "--jsonl", str(questions), "--template", "zero_shot"]
+        + ["--bootstrap", "500", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    # the first sampler is closed before the second one is loaded
+    assert log == ["load a None", "close [0]", "load b None", f"close {list(range(1, 10))}"]
+    paired = json.loads(out.read_text())["paired"]["hand"]
+    assert (paired["n"], paired["only_a"], paired["only_b"]) == (12, 1, 9)
+    assert (paired["accuracy_a"], paired["accuracy_b"]) == (1 / 12, 0.75)
+    assert paired["difference"] == pytest.approx(-8 / 12)
+    assert paired["mcnemar_p"] == 0.021484375  # 2 * (1 + 10) / 2^10
+    assert paired["ci_low"] < -8 / 12 < paired["ci_high"] < 0
+    assert "difference=-0.667" in capsys.readouterr().out
+    # --against-adapter alone compares two adapters of model_dir
+    args = eval_parser().parse_args(
+        ["eval", "a", "--against-adapter", "lora", "--jsonl", str(questions)]
+        + ["--template", "zero_shot", "--bootstrap", "50"]
+    )
+    log.clear()
+    assert args.func(args) == 0
+    assert log[2] == "load a lora"
 
 
 # -- local evaluate modules ------------------------------------------------------------------
