@@ -69,7 +69,9 @@ def dense_weights(model) -> dict[str, torch.Tensor]:
     return weights
 
 
-def user_script(output_dir, imm_config, peft=True, seed=0, extra_callbacks=(), load_in_4bit=False):
+def user_script(
+    output_dir, imm_config, peft=True, seed=0, extra_callbacks=(), load_in_4bit=False, lora_rank=4, **sft
+):
     """A TRL SFT script as a user writes it, plus the two IMM lines."""
     model, tokenizer = tiny_model(seed=seed)
     if load_in_4bit:  # QLoRA: the user loads their checkpoint in 4 bits
@@ -78,15 +80,18 @@ def user_script(output_dir, imm_config, peft=True, seed=0, extra_callbacks=(), l
             output_dir / "base", dtype=torch.float32,
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
         )
-    args = SFTConfig(
-        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=3,
-        per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none",
-        save_strategy="no", gradient_checkpointing=False, max_length=96, seed=seed,
-    )
+    args = SFTConfig(**{
+        **dict(
+            output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=3,
+            per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none",
+            save_strategy="no", gradient_checkpointing=False, max_length=96, seed=seed,
+        ),
+        **sft,
+    })
     seed_data = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": q["question"]}], "completion": [{"role": "assistant", "content": q["answer"]}]} for q in QUESTIONS]
     )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    lora = LoraConfig(r=lora_rank, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=seed_data, processing_class=tokenizer, peft_config=lora if peft else None)
     theta0 = dense_weights(trainer.model)
     recorder = Recorder(trainer)
