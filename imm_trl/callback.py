@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -418,7 +419,7 @@ def _check_writable(directory: Path) -> None:
     """Fail now, not after the first iteration, if `directory` cannot be written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{time.time_ns()}"
+        probe = directory / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:

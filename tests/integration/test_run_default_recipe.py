@@ -33,6 +33,11 @@ def test_default_recipe_runs_end_to_end_with_vllm(tmp_path):
         assert row["sampling/samples"] == 24 * 4 and row["sampling/generated_examples"] > 0
         assert row["train_loss"] > 0 and row["seconds/merge"] > 0 and row["seconds/sampler_refresh"] > 0
     assert (tmp_path / "imm" / "iteration-2" / "imm_state.json").is_file()
+    # What a finished run leaves: its checkpoints (rotated to 2), metrics, fingerprint and final
+    # model; not the engine's 500 MB model copy, staging or work directories.
+    assert sorted(p.name for p in (tmp_path / "imm").iterdir()) == [
+        "final", "imm_metrics.json", "iteration-1", "iteration-2", "run.json",
+    ]
 
     # G_2 was saved as a plain model directory, and it is what the trainer's model computes.
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "imm" / "final", dtype=torch.float32)
