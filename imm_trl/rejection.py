@@ -151,6 +151,12 @@ def as_messages(question: Any, system_prompt: str | None) -> list[dict[str, str]
     return [{"role": "system", "content": system_prompt}, *messages] if system_prompt else messages
 
 
+def a_type(value: Any) -> str:
+    """`value`'s type name with its article: 'a dict', 'an int'."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def question_problem(question: Any) -> str | None:
     """Why this question cannot be prompted, or None: it must be text or a list of chat
     messages, each a mapping with `role` and `content`."""
@@ -159,10 +165,10 @@ def question_problem(question: Any) -> str | None:
     if isinstance(question, str):
         return None
     if not isinstance(question, list):
-        return f"question is a {type(question).__name__}, expected text or a list of chat messages"
+        return f"question is {a_type(question)}, expected text or a list of chat messages"
     for position, message in enumerate(question):
         if not isinstance(message, Mapping):
-            return f"chat message {position} is a {type(message).__name__}, expected a mapping"
+            return f"chat message {position} is {a_type(message)}, expected a mapping"
         missing = [key for key in ("role", "content") if key not in message]
         if missing:
             return f"chat message {position} has no {' or '.join(repr(k) for k in missing)}"

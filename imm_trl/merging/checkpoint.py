@@ -171,8 +171,9 @@ def check_output_apart(out_dir: Path, inputs: Sequence[Path]) -> None:
         real = Path(source).resolve()
         if out == real or real in out.parents or out in real.parents:
             relation = "is" if out == real else "is inside" if real in out.parents else "contains"
+            shown = f"{source} ({real})" if real != Path(source).absolute() else str(source)
             raise ValueError(
-                f"output directory {out_dir} {relation} the input {source} ({real}); a merge "
+                f"output directory {out_dir} {relation} the input {shown}; a merge "
                 "never writes into, over or above its inputs, even with overwrite: choose an "
                 "output directory outside them"
             )

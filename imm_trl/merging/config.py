@@ -182,7 +182,8 @@ def unmatched_patterns(ratio_map: RatioMap, names: Sequence[str]) -> list[str]:
 
 def check_ratio_patterns(schedule: RatioSchedule, names: Sequence[str], what: str) -> None:
     """Raise a ValueError naming every ratio-map key that matches none of `names` (the
-    parameters `what` merges): such a key would silently leave them at the default ratio."""
+    parameters merged, described by `what`): such a key would silently leave them at the
+    default ratio."""
     entries = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule]
     unmatched = {
         key: None for entry in entries for key in unmatched_patterns(parse_ratio(entry), names)
@@ -190,7 +191,7 @@ def check_ratio_patterns(schedule: RatioSchedule, names: Sequence[str], what: st
     if unmatched:
         raise ValueError(
             f"merge ratio pattern(s) {list(unmatched)} match none of the {len(names)} parameters "
-            f"{what} merges (e.g. {', '.join(list(names)[:3])}); fix the pattern, e.g. "
+            f"merged ({what}, e.g. {', '.join(list(names)[:3])}); fix the pattern, e.g. "
             "'layers.0-7', 'mlp' or '*.q_proj.*'"
         )
 

@@ -183,7 +183,7 @@ class LoraMerger:
         merged_names = [t.name for t in self.targets.values()] + [
             s.name for s in self.saved_modules
         ]
-        check_ratio_patterns(config.ratio, merged_names, "the LoRA merger")
+        check_ratio_patterns(config.ratio, merged_names, "the LoRA-targeted weights")
         self._capture_theta0(aliased_tensors(model))
 
     def _has_adapter(self, module) -> bool:

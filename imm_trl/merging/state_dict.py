@@ -177,7 +177,8 @@ class FullWeightMerger:
         self.config = config
         self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
         self._theta0: dict[str, torch.Tensor] = {}
-        check_ratio_patterns(config.ratio, [n for n, _ in model.named_parameters()], "the model")
+        names = [name for name, _ in model.named_parameters()]
+        check_ratio_patterns(config.ratio, names, "all of the model's")
         if self.theta0_dir is None:
             aliased = aliased_tensors(model)
             self._theta0 = {
