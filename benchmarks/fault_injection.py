@@ -40,8 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PHASE_LINE = re.compile(r"iteration (\d+)/(\d+): (.+)$")
-KILLABLE_PHASES = ("engine start", "sampling", "train", "merge", "checkpoint", "eval")
+PHASE_LINE = re.compile(r"iteration (\d+)/(\d+): ([a-z ]+)")
+KILLABLE_PHASES = ("engine start", "sampling", "train", "trainer checkpoint", "merge", "checkpoint", "eval")
 ITERATIONS = {"tiny": 3, "default": 2}
 
 
@@ -193,11 +193,14 @@ def identical(a: dict, b: dict) -> bool:
 
 
 def run_trial(model: str, directory: Path, reference: Run, reference_weights: dict, rng: random.Random,
-              phase: str | None = None, fraction: float | None = None) -> dict:
+              phase: str | None = None, fraction: float | None = None, iteration: int | None = None) -> dict:
     """Kill a fresh run once at a random point (or `fraction` into a random occurrence of
-    `phase`), resume it to the end, compare."""
+    `phase`, in `iteration`), resume it to the end, compare."""
     durations = phase_durations(reference)
-    choices = [key for key in durations if key[1] in KILLABLE_PHASES and (phase is None or key[1] == phase)]
+    choices = [
+        key for key in durations
+        if key[1] in KILLABLE_PHASES and phase in (None, key[1]) and iteration in (None, key[0])
+    ]
     target = rng.choice(choices)
     delay = durations[target] * (rng.random() if fraction is None else fraction)
     killed = run_child(model, directory, resume=False, kill_plan=lambda it, ph: delay if (it, ph) == target else None)

@@ -88,6 +88,10 @@ def unpack_cpu_4bit_weights(model) -> int:
     return unpacked
 
 
+class NoVerifiedDataError(ValueError):
+    """Rejection sampling kept nothing to train on."""
+
+
 def no_verified_data_message(iteration: int, stats: dict[str, Any]) -> str:
     """Why D_t came out empty, with the counts that explain it."""
     malformed = stats.get("malformed_rows") or []
@@ -119,7 +123,13 @@ class IMMCallback(TrainerCallback):
 
     def __init__(self, trainer, config: IMMConfig, sampler=None):
         if config.questions is None:
-            raise ValueError("IMMConfig.questions is empty: give the in-domain training questions")
+            raise ValueError("IMMConfig.questions is not set (None); give the in-domain training questions")
+        if config.epochs_per_iteration is not None and trainer.args.max_steps > 0:
+            raise ValueError(
+                f"IMMConfig.epochs_per_iteration={config.epochs_per_iteration} would be ignored: the "
+                f"trainer's max_steps={trainer.args.max_steps} decides how long each iteration trains; "
+                "set one of them (max_steps=-1 to train by epochs)"
+            )
         self.trainer = trainer
         self.config = config
         self.output_dir = Path(config.output_dir or Path(trainer.args.output_dir) / "imm")
@@ -173,6 +183,11 @@ class IMMCallback(TrainerCallback):
         if args.save_strategy != "no" and state.global_step >= state.max_steps:
             control.should_save = True
 
+    def on_save(self, args, state, control, **kwargs):
+        logger.info(
+            "iteration %d/%d: trainer checkpoint (step %d)", self._iteration, self.config.iterations, state.global_step
+        )
+
     # -- the loop --------------------------------------------------------------------------
 
     @contextmanager
@@ -207,7 +222,7 @@ class IMMCallback(TrainerCallback):
         with self.phase("sampling"):
             dataset, sampling_stats = self.build_dataset(iteration, work)
         if len(dataset) == 0:
-            raise RuntimeError(no_verified_data_message(iteration, sampling_stats))
+            raise NoVerifiedDataError(no_verified_data_message(iteration, sampling_stats))
         with self.phase("train"):
             output = self.train_on(dataset, work / "trainer")
         with self.phase("merge"), whole_parameters(trainer.model):

@@ -6,8 +6,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from imm_trl.merging import MergeConfig
-from imm_trl.rejection import RejectionSamplingConfig
+from imm_trl.merging.config import check_density_applies, default_density
+from imm_trl.rejection import RejectionSamplingConfig, check_questions
 from imm_trl.sampling import SamplingParams
+from imm_trl.validation import check_choice, check_dataclass, check_values, check_writable_dir
+from imm_trl.verify import check_verifier
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's own settings (arXiv 2503.02103): DARE with drop 0.2, equal-weight average
@@ -48,8 +51,12 @@ class IMMConfig:
             "or a list with one of those per iteration (a schedule)."
         },
     )
-    density: float = field(
-        default=0.8, metadata={"help": "Fraction of the delta kept by DARE/TIES, in (0, 1]."}
+    density: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of the delta kept by dare_linear, ties and dare_ties, in (0, 1]; "
+            "None = 0.8 for those (the paper's DARE drop rate 0.2). linear keeps everything."
+        },
     )
     samples_per_question: int = field(
         default=4, metadata={"help": "k: completions sampled per training question."}
@@ -146,33 +153,34 @@ class IMMConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.samples_per_question < 1:
-            raise ValueError(f"samples_per_question must be >= 1, got {self.samples_per_question}")
-        if not 0.0 <= self.real_data_ratio < 1.0:
-            raise ValueError(f"real_data_ratio must be in [0, 1), got {self.real_data_ratio}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(
-                f"save_total_limit must be >= 1 or None (keep all), got {self.save_total_limit}"
-            )
+        check_dataclass(self)  # types and ranges first: later checks compare and index
+        check_choice("IMMConfig.sampler", self.sampler, ("hf", "vllm"))
+        check_density_applies(self.merge_method, self.density)
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: choose one")
-        if self.eval_samples < 1:
-            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
-        if self.sampler not in ("hf", "vllm"):
-            raise ValueError(f"sampler must be 'hf' or 'vllm', got {self.sampler!r}")
         if isinstance(self.merge_ratio, list) and len(self.merge_ratio) != self.iterations:
             raise ValueError(
                 f"merge_ratio schedule has {len(self.merge_ratio)} entries for {self.iterations} "
                 "iterations; give exactly one per iteration"
             )
         _ = self.merge_config  # validates method, density and ratio now, not after training
+        check_verifier(self.verifier)
         valid = {f.name for f in fields(self.sampler_config_class())}
         unknown = sorted(set(self.sampler_kwargs) - valid)
         if unknown:  # fail now, not after a model load and an engine start
             raise ValueError(
                 f"sampler_kwargs {unknown} are not settings of the {self.sampler} sampler; valid: {sorted(valid)}"
+            )
+        check_values("IMMConfig.sampler_kwargs", self.sampler_kwargs, self.sampler_config_class())
+        if self.output_dir is not None:
+            check_writable_dir(self.output_dir, "IMMConfig.output_dir")
+        if self.questions is not None:
+            check_questions(
+                self.questions,
+                self.question_column,
+                self.gold_column,
+                needs_gold=not callable(self.verifier)
+                and getattr(self.verifier, "reward_function", None) is None,
             )
 
     def sampler_config_class(self):
@@ -204,8 +212,9 @@ class IMMConfig:
 
     @property
     def merge_config(self) -> MergeConfig:
+        density = self.density if self.density is not None else default_density(self.merge_method)
         return MergeConfig(
-            method=self.merge_method, ratio=self.merge_ratio, density=self.density, seed=self.seed
+            method=self.merge_method, ratio=self.merge_ratio, density=density, seed=self.seed
         )
 
     def rejection_config(self, iteration: int) -> RejectionSamplingConfig:

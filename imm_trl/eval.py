@@ -39,6 +39,7 @@ from imm_trl.rejection import pass_at_k
 from imm_trl.sampling.base import Sampler, SamplingParams
 from imm_trl.stats import PairedComparison, paired_difference
 from imm_trl.tasks.base import QuestionSet, TaskSuite
+from imm_trl.validation import positive_int
 from imm_trl.verify import get_verifier, predicted_number, reasoning_gym_answer
 
 __all__ = [
@@ -296,7 +297,21 @@ def load_sampler(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    check_finite_weights(model, adapter or model_dir)
     return HFSampler(model, tokenizer, HFSamplerConfig(show_progress=False))
+
+
+def check_finite_weights(model, source) -> None:
+    """Raise a ValueError naming the first parameter with NaN or Inf: such a model scores
+    0.000 on everything, which would read as a result rather than as broken weights."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ValueError(
+                f"the weights loaded from {source} contain NaN or Inf (first: {name}); "
+                "re-create or re-merge that checkpoint"
+            )
 
 
 def question_sets_from_args(args: argparse.Namespace) -> tuple[dict[str, QuestionSet], int]:
@@ -453,12 +468,16 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     source.add_argument("--jsonl", type=Path, help="GSM8K-format JSONL file (question, answer)")
     parser.add_argument("--sets", nargs="+", help="eval sets of the suite (default: all)")
     parser.add_argument(
-        "--limit", type=int, help="questions per set (suite default 100; JSONL default all)"
+        "--limit",
+        type=positive_int,
+        help="questions per set (suite default 100; JSONL default all)",
     )
     parser.add_argument("--template", help="prompt template for --jsonl (default: cot)")
     parser.add_argument("--sampler", choices=["hf", "vllm"], default="hf", help="backend")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    parser.add_argument("--samples", type=int, default=1, help="k for pass@k (1: greedy only)")
+    parser.add_argument(
+        "--samples", type=positive_int, default=1, help="k for pass@k (1: greedy only)"
+    )
     parser.add_argument(
         "--temperature", type=float, default=0.8, help="temperature of the k samples"
     )

@@ -98,6 +98,7 @@ def imm_section(config) -> dict[str, Any]:
         elif f.name == "eval_sets":
             value = {name: content_hash(rows_of(s)) for name, s in sorted(value.items())}
         section[f.name] = jsonable(value)
+    section["density"] = config.merge_config.density  # None means the method's default
     return section
 
 

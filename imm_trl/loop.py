@@ -22,7 +22,13 @@ from typing import Any
 
 import yaml
 
+from imm_trl.validation import check_choice, check_dataclass, check_values, check_writable_dir
+
 SECTIONS = ("model", "data", "peft", "sft", "imm")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# SFTConfig's own checks of this machine's hardware (bf16 on a CPU) are left to the trainer:
+# a recipe for a GPU must still validate on a laptop.
+HARDWARE_NEUTRAL_SFT = {"bf16": False, "fp16": False, "use_cpu": True}
 
 
 @dataclass
@@ -42,6 +48,12 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with the checkpoint (off by default)."}
     )
+
+    def __post_init__(self) -> None:
+        check_dataclass(self)
+        check_choice("model.dtype", self.dtype, MODEL_DTYPES)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model: load_in_4bit and load_in_8bit are both true; choose one")
 
 
 @dataclass
@@ -63,6 +75,9 @@ class DataArguments:
     n_train: int = field(default=200, metadata={"help": "Training questions drawn."})
     n_eval: int = field(default=100, metadata={"help": "Questions per eval set."})
     seed: int = field(default=0, metadata={"help": "Seed of the question draw."})
+
+    def __post_init__(self) -> None:
+        check_dataclass(self)
 
 
 @dataclass
@@ -107,46 +122,87 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply `["--imm.iterations", "2", "--sft.learning_rate", "1e-5", ...]` to a raw recipe."""
     if len(overrides) % 2:
         raise ValueError(f"overrides come in --section.key value pairs; got {overrides}")
-    raw = copy.deepcopy(raw)
+    raw = copy.deepcopy(check_recipe_mapping(raw))
     for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
-        section, key, parsed = parse_override(flag, value)
-        if raw.get(section) is None:
-            raw[section] = {}
-        raw[section][key] = parsed
+        name, key, parsed = parse_override(flag, value)
+        raw[name] = {**(recipe_section(raw, name) or {}), key: parsed}
     return raw
+
+
+def check_recipe_mapping(raw: Any) -> dict[str, Any]:
+    """`raw` if it is a mapping of sections, else a ValueError saying what a recipe is."""
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"recipe must be a mapping with sections {', '.join(SECTIONS)} (got a "
+            f"{type(raw).__name__}: {str(raw)[:60]!r}); see recipes/default.yaml"
+        )
+    return raw
+
+
+def recipe_section(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """Recipe section `name` as a dict (None if absent or null); anything else is an error."""
+    values = raw.get(name)
+    if values is not None and not isinstance(values, dict):
+        raise ValueError(
+            f"recipe section {name!r} must be a mapping of key: value (got {values!r}); "
+            f"write e.g. {name}: {{...}}"
+        )
+    return values
+
+
+def checked_section(name: str, values: dict[str, Any], build) -> Any:
+    """`build(**values)`, with the library's own errors re-raised naming the section."""
+    try:
+        return build(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recipe section {name!r}: {error}") from error
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     """Validate every section against the dataclass it feeds; typos are errors, not ignored."""
-    check_keys("recipe", raw, set(SECTIONS))
+    check_keys("recipe", check_recipe_mapping(raw), set(SECTIONS))
     from peft import LoraConfig
     from trl import SFTConfig
 
     from imm_trl.config import IMMConfig
 
-    model = dict(raw.get("model") or {})
-    data = dict(raw.get("data") or {})
+    model = dict(recipe_section(raw, "model") or {})
+    data = dict(recipe_section(raw, "data") or {})
     check_keys("model", model, {f.name for f in fields(ModelArguments)})
     check_keys("data", data, {f.name for f in fields(DataArguments)})
-    peft = raw.get("peft")
+    peft = recipe_section(raw, "peft")
     if peft is not None:
         check_keys("peft", peft, {f.name for f in fields(LoraConfig)})
-    sft = dict(raw.get("sft") or {})
+        check_values("peft", peft, LoraConfig)  # LoraConfig does not check types itself
+        checked_section("peft", peft, LoraConfig)
+    sft = dict(recipe_section(raw, "sft") or {})
     check_keys("sft", sft, {f.name for f in fields(SFTConfig)})
-    imm = dict(raw.get("imm") or {})
+    check_values("sft", sft, SFTConfig)
+    if sft.get("output_dir") is not None:
+        check_writable_dir(sft["output_dir"], "sft.output_dir")
+    checked_section(
+        "sft", {"output_dir": "imm-trl-output", **sft, **HARDWARE_NEUTRAL_SFT}, SFTConfig
+    )
+    imm = dict(recipe_section(raw, "imm") or {})
     check_keys("imm", imm, {f.name for f in fields(IMMConfig)} | {"preset"})
     recipe = Recipe(ModelArguments(**model), DataArguments(**data), peft, sft, imm)
-    if recipe.model.load_in_4bit and recipe.model.load_in_8bit:
-        raise ValueError("model: choose one of load_in_4bit and load_in_8bit")
     if (recipe.model.load_in_4bit or recipe.model.load_in_8bit) and peft is None:
-        raise ValueError("a quantized base can only be trained through an adapter: add a `peft` section")
-    IMMConfig.from_dict({**imm, "questions": []})  # IMM values are checked before any loading
+        raise ValueError(
+            "a quantized base can only be trained through an adapter: add a `peft` section"
+        )
+    IMMConfig.from_dict(imm)  # IMM values are checked before any loading
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    return parse_recipe(apply_overrides(raw, overrides or []))
+    """Read, override and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"recipe file {str(path)!r} does not exist; check the --config path"
+        )
+    raw = yaml.safe_load(path.read_text())
+    return parse_recipe(apply_overrides({} if raw is None else raw, overrides or []))
 
 
 def load_questions(data: DataArguments):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from math import comb
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from datasets import Dataset
 
 from imm_trl.sampling.base import Sampler, SamplingParams
+from imm_trl.validation import check_dataclass
 from imm_trl.verify import Verdict, Verifier, get_verifier
 
 
@@ -89,12 +90,7 @@ class RejectionSamplingConfig:
     seed: int = field(default=0, metadata={"help": "Seed for sampling and real-data mixing."})
 
     def __post_init__(self):
-        if self.samples_per_question < 1:
-            raise ValueError("samples_per_question must be at least 1")
-        if not 0.0 <= self.real_data_ratio < 1.0:
-            raise ValueError("real_data_ratio must be in [0, 1)")
-        if self.max_correct_per_question is not None and self.max_correct_per_question < 1:
-            raise ValueError("max_correct_per_question must be at least 1 (or None)")
+        check_dataclass(self)
 
 
 @dataclass
@@ -155,16 +151,85 @@ def as_messages(question: Any, system_prompt: str | None) -> list[dict[str, str]
     return [{"role": "system", "content": system_prompt}, *messages] if system_prompt else messages
 
 
-def row_problem(row: Mapping[str, Any], config: RejectionSamplingConfig, verifier: Verifier):
-    """Why this question row cannot be used, or None."""
-    question = row.get(config.question_column)
+def a_type(value: Any) -> str:
+    """`value`'s type name with its article: 'a dict', 'an int'."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def question_problem(question: Any) -> str | None:
+    """Why this question cannot be prompted, or None: it must be text or a list of chat
+    messages, each a mapping with `role` and `content`."""
     if question is None or (isinstance(question, str | list) and len(question) == 0):
         return "missing question"
-    if verifier.reward_function is not None:
-        return None  # a reward function reads whatever columns it needs
-    if config.gold_column not in row or row[config.gold_column] is None:
+    if isinstance(question, str):
+        return None
+    if not isinstance(question, list):
+        return f"question is {a_type(question)}, expected text or a list of chat messages"
+    for position, message in enumerate(question):
+        if not isinstance(message, Mapping):
+            return f"chat message {position} is {a_type(message)}, expected a mapping"
+        missing = [key for key in ("role", "content") if key not in message]
+        if missing:
+            return f"chat message {position} has no {' or '.join(repr(k) for k in missing)}"
+    return None
+
+
+def row_shape_problem(
+    row: Mapping[str, Any], question_column: str, gold_column: str, needs_gold: bool
+) -> str | None:
+    """Why this row cannot be used, from its shape alone (no verifier), or None."""
+    problem = question_problem(row.get(question_column))
+    if problem is None and needs_gold and row.get(gold_column) is None:
         return "missing gold answer"
+    return problem
+
+
+def row_problem(row: Mapping[str, Any], config: RejectionSamplingConfig, verifier: Verifier):
+    """Why this question row cannot be used, or None."""
+    needs_gold = verifier.reward_function is None  # a reward function reads what it needs
+    problem = row_shape_problem(row, config.question_column, config.gold_column, needs_gold)
+    if problem is not None or not needs_gold:
+        return problem
     return verifier.gold_problem(row[config.gold_column])
+
+
+def check_questions(
+    questions: Sequence[Mapping[str, Any]], question_column: str, gold_column: str, needs_gold: bool
+) -> None:
+    """Raise a ValueError now, before any model loads, if no row can ever be used: no rows, a
+    column that no row has, or every row malformed. Single bad rows are skipped later."""
+    if isinstance(questions, str | bytes | Mapping) or not isinstance(questions, Iterable):
+        raise TypeError(
+            f"questions must be a Dataset or a list of rows (got a {type(questions).__name__}); "
+            "e.g. [{'question': 'What is 2+3?', 'answer': '5'}]"
+        )
+    rows = list(questions)
+    if not rows:
+        raise ValueError("questions is empty; give the in-domain training questions")
+    for row_id, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(
+                f"question row {row_id} is a {type(row).__name__}, not a mapping of column -> "
+                "value; give rows like {'question': 'What is 2+3?', 'answer': '5'}"
+            )
+    present = sorted({name for row in rows for name in row})
+    for what, column in [("question_column", question_column), ("gold_column", gold_column)]:
+        if column not in present and (what == "question_column" or needs_gold):
+            raise ValueError(
+                f"{what} {column!r} is in none of the {len(rows)} question rows; the rows have "
+                f"columns {present}: set {what} to one of them"
+            )
+    problems = [
+        (row_id, problem)
+        for row_id, row in enumerate(rows)
+        if (problem := row_shape_problem(row, question_column, gold_column, needs_gold))
+    ]
+    if len(problems) == len(rows):
+        raise ValueError(
+            f"all {len(rows)} question rows are malformed, e.g. {problems[:3]} (row id, "
+            "reason); fix the rows or the column names"
+        )
 
 
 def select_correct(

@@ -22,7 +22,7 @@ def test_every_recipe_parses_and_validates(path):
     from peft import LoraConfig
 
     recipe = load_recipe(path)
-    imm = IMMConfig.from_dict({**recipe.imm, "questions": []})
+    imm = IMMConfig.from_dict(recipe.imm)
     assert imm.iterations >= 1
     if recipe.peft is not None:
         assert LoraConfig(**recipe.peft).r > 0
@@ -34,7 +34,7 @@ def test_every_recipe_parses_and_validates(path):
 
 def test_the_paper_recipe_is_the_papers_setup():
     recipe = load_recipe(RECIPES[[p.stem for p in RECIPES].index("paper")])
-    imm = IMMConfig.from_dict({**recipe.imm, "questions": []})
+    imm = IMMConfig.from_dict(recipe.imm)
     assert recipe.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and recipe.peft is None
     assert (imm.merge_method, imm.density, imm.merge_ratio, imm.iterations) == ("dare_linear", 0.8, 0.5, 3)
     assert (imm.samples_per_question, imm.temperature) == (3, 0.0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_callback import CrashInIteration, dense_weights, imm_config, user_script
 
+from imm_trl.callback import NoVerifiedDataError
 from imm_trl.checkpoints import RUN_FILE, WEIGHTS_FILE, iteration_checkpoints
 
 IMM_LOGGER = "imm_trl.callback"
@@ -131,7 +132,7 @@ def test_a_crash_in_training_resumes_from_the_saved_dataset_and_trainer_checkpoi
 
 def test_no_verified_data_quotes_the_counts_that_explain_it(tmp_path):
     rows = [{"question": "", "answer": "1"}, {"question": "What is 1 + 1?", "answer": "2"}]
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(NoVerifiedDataError) as error:
         user_script(tmp_path, imm_config(tmp_path, verifier=lambda completions, **_: [0.0] * len(completions), questions=rows))
     message = str(error.value)
     for part in ("Of 2 questions 1 were usable (1 malformed: row 0: missing question)", "2 samples, 0 correct", "verifier errors"):
@@ -143,3 +144,8 @@ def test_an_unwritable_output_directory_fails_before_any_sampling(tmp_path):
     blocker.write_text("")
     with pytest.raises(PermissionError, match="cannot write the IMM output directory"):
         user_script(tmp_path, imm_config(tmp_path, output_dir=str(blocker / "imm")))
+
+
+def test_epochs_per_iteration_beside_max_steps_is_refused_before_sampling(tmp_path):
+    with pytest.raises(ValueError, match=r"epochs_per_iteration=2 would be ignored: the trainer's max_steps=3"):
+        user_script(tmp_path, imm_config(tmp_path, epochs_per_iteration=2))

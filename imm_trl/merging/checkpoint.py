@@ -26,7 +26,15 @@ from pathlib import Path
 
 import torch
 
-from imm_trl.merging.config import Ratio, RatioMap, check_density, check_method, parse_ratio
+from imm_trl.merging.config import (
+    Ratio,
+    RatioMap,
+    check_density,
+    check_density_applies,
+    check_method,
+    check_ratio_patterns,
+    parse_ratio,
+)
 from imm_trl.merging.functional import (
     MERGE_CHUNK,
     Scratch,
@@ -97,6 +105,7 @@ def merge_checkpoints(
     """
     check_method(method)
     check_density(density)
+    check_density_applies(method, density)
     ratio_map = parse_ratio(ratio)
     base_dir = Path(base_dir)
     tuned_list = (
@@ -111,6 +120,7 @@ def merge_checkpoints(
             f"got {len(weights)} weights for {len(tuned_list)} tuned checkpoints; give one per checkpoint"
         )
     out_dir = Path(out_dir)
+    check_output_apart(out_dir, [base_dir, *tuned_list])
     if out_dir.exists() and not overwrite:
         raise FileExistsError(
             f"output directory {out_dir} exists; choose another or pass overwrite=True (CLI: --overwrite)"
@@ -122,6 +132,7 @@ def merge_checkpoints(
     tuned_readers = [CheckpointReader(p, allow_pickle=allow_pickle) for p in tuned_list]
     try:
         planned = plan_merge(base, tuned_readers, tuned_list)
+        check_ratio_patterns(ratio_map, [t.name for t in planned], f"checkpoint {base_dir}")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(out_dir)
         staging = Path(
@@ -150,6 +161,22 @@ def merge_checkpoints(
         for reader in tuned_readers:
             reader.close()
     return out_dir
+
+
+def check_output_apart(out_dir: Path, inputs: Sequence[Path]) -> None:
+    """Raise a ValueError if `out_dir` is, is inside, or contains an input directory (real
+    paths, symlinks resolved): writing there, `overwrite` or not, would destroy an input."""
+    out = out_dir.resolve()
+    for source in inputs:
+        real = Path(source).resolve()
+        if out == real or real in out.parents or out in real.parents:
+            relation = "is" if out == real else "is inside" if real in out.parents else "contains"
+            shown = f"{source} ({real})" if real != Path(source).absolute() else str(source)
+            raise ValueError(
+                f"output directory {out_dir} {relation} the input {shown}; a merge "
+                "never writes into, over or above its inputs, even with overwrite: choose an "
+                "output directory outside them"
+            )
 
 
 def read_config(model_dir: Path) -> dict | None:

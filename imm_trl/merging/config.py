@@ -23,9 +23,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from imm_trl.merging.functional import MERGE_METHODS
+from imm_trl.validation import RANGES
 
 Ratio = float | Mapping[str, float]
 RatioSchedule = Ratio | Sequence[Ratio]
+
+# The methods whose delta operator reads `density`; linear keeps every element.
+DENSITY_METHODS = ("dare_linear", "ties", "dare_ties")
+DEFAULT_DENSITY = 0.8  # the paper's DARE drop rate 0.2
 
 _RANGE_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<start>\d+)(?P<dash>-)?(?P<end>\d+)?$")
 
@@ -41,12 +46,31 @@ def check_method(method: str) -> str:
 
 def check_density(density: float) -> float:
     """Return `density` if it is in (0, 1], else raise a ValueError that says so."""
-    if not isinstance(density, (int, float)) or not (0.0 < float(density) <= 1.0):
+    if (
+        isinstance(density, bool)
+        or not isinstance(density, (int, float))
+        or density not in RANGES["density"]
+    ):
         raise ValueError(
             f"density must be in (0, 1] (the fraction of delta elements kept), got {density!r}; "
             "e.g. density=0.8 keeps 80% (the paper's DARE drop rate 0.2)"
         )
     return float(density)
+
+
+def default_density(method: str) -> float:
+    """The density used when none is given: DEFAULT_DENSITY for DARE/TIES, 1.0 for linear."""
+    return DEFAULT_DENSITY if method in DENSITY_METHODS else 1.0
+
+
+def check_density_applies(method: str, density: float | None) -> None:
+    """Raise a ValueError if `density` < 1 is given with a method that ignores it."""
+    if density is not None and method not in DENSITY_METHODS and density < 1.0:
+        raise ValueError(
+            f"density applies only to {', '.join(DENSITY_METHODS)} (got density={density!r} with "
+            f"merge method {method!r}, which keeps every element); remove density or choose "
+            "one of those methods"
+        )
 
 
 def check_ratio_value(value: float, where: str = "ratio") -> float:
@@ -58,7 +82,8 @@ def check_ratio_value(value: float, where: str = "ratio") -> float:
         or value < 0
     ):
         raise ValueError(
-            f"{where} must be a finite number >= 0 (the merge ratio alpha), got {value!r}"
+            f"{where} must be a finite number >= 0 (the merge ratio alpha), got {value!r}; e.g. "
+            "0.5, or a per-layer map {'layers.0-7': 0.3, 'default': 0.5}"
         )
     return float(value)
 
@@ -150,6 +175,27 @@ def parse_ratio(ratio: Ratio | RatioMap) -> RatioMap:
     return RatioMap(rules=(), default=check_ratio_value(ratio))
 
 
+def unmatched_patterns(ratio_map: RatioMap, names: Sequence[str]) -> list[str]:
+    """The keys of `ratio_map` that match none of the parameter `names`."""
+    return [rule.key for rule in ratio_map.rules if not any(rule.matches(n) for n in names)]
+
+
+def check_ratio_patterns(schedule: RatioSchedule, names: Sequence[str], what: str) -> None:
+    """Raise a ValueError naming every ratio-map key that matches none of `names` (the
+    parameters merged, described by `what`): such a key would silently leave them at the
+    default ratio."""
+    entries = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule]
+    unmatched = {
+        key: None for entry in entries for key in unmatched_patterns(parse_ratio(entry), names)
+    }
+    if unmatched:
+        raise ValueError(
+            f"merge ratio pattern(s) {list(unmatched)} match none of the {len(names)} parameters "
+            f"merged ({what}, e.g. {', '.join(list(names)[:3])}); fix the pattern, e.g. "
+            "'layers.0-7', 'mlp' or '*.q_proj.*'"
+        )
+
+
 def ratio_for_iteration(schedule: RatioSchedule, iteration: int) -> RatioMap:
     """The ratio map of IMM iteration `iteration` (1-based, as t in DESIGN.md).
 
@@ -226,6 +272,7 @@ class MergeConfig:
     def __post_init__(self) -> None:
         check_method(self.method)
         check_density(self.density)
+        check_density_applies(self.method, self.density)
         check_schedule(self.ratio)
         import torch
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imm_trl.merging.config import MergeConfig
+from imm_trl.merging.config import MergeConfig, check_ratio_patterns
 from imm_trl.merging.functional import merge_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
 from imm_trl.merging.state_dict import aliased_tensors, capture_theta0_, view_key
@@ -180,6 +180,10 @@ class LoraMerger:
             raise ValueError(
                 f"the model has no LoRA layers or modules_to_save for adapter {self.adapter!r}"
             )
+        merged_names = [t.name for t in self.targets.values()] + [
+            s.name for s in self.saved_modules
+        ]
+        check_ratio_patterns(config.ratio, merged_names, "the LoRA-targeted weights")
         self._capture_theta0(aliased_tensors(model))
 
     def _has_adapter(self, module) -> bool:

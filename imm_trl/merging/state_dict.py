@@ -14,7 +14,9 @@ from imm_trl.merging.config import (
     Ratio,
     RatioMap,
     check_density,
+    check_density_applies,
     check_method,
+    check_ratio_patterns,
     parse_ratio,
 )
 from imm_trl.merging.functional import merge_into_, merge_tensors
@@ -50,7 +52,9 @@ def merge_state_dicts(
     """
     check_method(method)
     check_density(density)
+    check_density_applies(method, density)
     ratio_map = parse_ratio(ratio)
+    check_ratio_patterns(ratio_map, list(base), "the state dict")
     tuned_list = [tuned] if isinstance(tuned, Mapping) else list(tuned)
     for index, other in enumerate(tuned_list):
         missing, extra = set(base) - set(other), set(other) - set(base)
@@ -173,6 +177,8 @@ class FullWeightMerger:
         self.config = config
         self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
         self._theta0: dict[str, torch.Tensor] = {}
+        names = [name for name, _ in model.named_parameters()]
+        check_ratio_patterns(config.ratio, names, "all of the model's")
         if self.theta0_dir is None:
             aliased = aliased_tensors(model)
             self._theta0 = {

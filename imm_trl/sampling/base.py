@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, Union, runtime_checkable
 
+from imm_trl.validation import check_dataclass
+
 ChatMessages = list[dict[str, str]]
 Prompt = Union[str, ChatMessages]  # noqa: UP007 (a runtime alias; `|` on generics is fine too)
 
@@ -30,6 +32,9 @@ class SamplingParams:
             "per-request seed; vLLM on CPU rejects per-request seeds, so the engine's seed is used."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_dataclass(self)
 
     @property
     def greedy(self) -> bool:

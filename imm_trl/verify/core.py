@@ -9,7 +9,9 @@ right/wrong answer.
 
 from __future__ import annotations
 
+import difflib
 import enum
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,35 @@ class Verdict(str, enum.Enum):
 
 def valid_verifier_names() -> list[str]:
     return [*NAMED_CHECKS, f"{REASONING_GYM_PREFIX}<task>", "<callable reward function>"]
+
+
+def check_verifier(spec: Any) -> None:
+    """Raise now if `spec` names no verifier; reasoning-gym task names are looked up in its
+    registry, without building any data."""
+    if isinstance(spec, Verifier) or callable(spec):
+        return
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"verifier must be a name or a reward function (got {spec!r}, a "
+            f"{type(spec).__name__}); valid verifiers: {', '.join(valid_verifier_names())}"
+        )
+    if spec in NAMED_CHECKS:
+        return
+    if not spec.startswith(REASONING_GYM_PREFIX):
+        raise ValueError(
+            f"unknown verifier {spec!r}; valid verifiers: {', '.join(valid_verifier_names())}"
+        )
+    from reasoning_gym.factory import DATASETS
+
+    families = [name.strip() for name in spec[len(REASONING_GYM_PREFIX) :].split(",")]
+    unknown = [name for name in families if name not in DATASETS]
+    if unknown:
+        near = sorted({m for name in unknown for m in difflib.get_close_matches(name, DATASETS)})
+        raise ValueError(
+            f"unknown reasoning-gym task {unknown} in verifier {spec!r}; write "
+            f"reasoning_gym:<task>[,<task>...] with tasks such as {', '.join(near or sorted(DATASETS)[:5])}"
+            " (reasoning_gym.factory.DATASETS lists all)"
+        )
 
 
 @dataclass
@@ -128,30 +159,54 @@ class Verifier:
                 lambda: self.reward_function(completions, **columns),
                 self.time_limit_s * len(completions),
             )
-            if len(scores) != len(completions):
-                raise ValueError("reward function returned the wrong number of scores")
-            return [self._score_verdict(score) for score in scores]
         except Exception:
-            pass
-        verdicts = []
-        for i, completion in enumerate(completions):
-            row_columns = {key: [values[i]] for key, values in columns.items()}
-            try:
-                (score,) = call_with_time_limit(
-                    lambda c=completion, rc=row_columns: self.reward_function([c], **rc),
-                    self.time_limit_s,
-                )
-                verdicts.append(self._score_verdict(score))
-            except CheckTimeout:
-                verdicts.append(Verdict.TIMEOUT)
-            except Exception:
-                verdicts.append(Verdict.ERROR)
-        return verdicts
+            return [self._verify_one_with_reward(c, i, columns) for i, c in enumerate(completions)]
+        return [self._score_verdict(s) for s in self._checked_scores(scores, len(completions))]
 
-    def _score_verdict(self, score: float | None) -> Verdict:
-        if score is None:  # TRL reward functions return None for rows they do not apply to
+    def _verify_one_with_reward(self, completion, index: int, columns) -> Verdict:
+        row_columns = {key: [values[index]] for key, values in columns.items()}
+        try:
+            scores = call_with_time_limit(
+                lambda: self.reward_function([completion], **row_columns), self.time_limit_s
+            )
+        except CheckTimeout:
+            return Verdict.TIMEOUT
+        except Exception:
             return Verdict.ERROR
-        return Verdict.CORRECT if float(score) >= self.threshold else Verdict.WRONG
+        return self._score_verdict(self._checked_scores(scores, 1)[0])
+
+    def _checked_scores(self, scores: Any, expected: int) -> list:
+        """`scores` if it is one score per completion; otherwise the reward function is wrong
+        for every row, so this raises instead of counting rows."""
+        if not hasattr(scores, "__len__") or isinstance(scores, str | bytes | dict):
+            raise TypeError(
+                f"reward function {self.name} returned {scores!r} (a {type(scores).__name__}); it "
+                "must return a list with one score (a number or None) per completion"
+            )
+        if len(scores) != expected:
+            raise ValueError(
+                f"reward function {self.name} returned {len(scores)} scores for {expected} "
+                "completions; it must return one score (a number or None) per completion"
+            )
+        return list(scores)
+
+    def _score_verdict(self, score: Any) -> Verdict:
+        """CORRECT at or above the threshold; None (TRL: the function does not apply to the row)
+        and NaN are verifier errors, counted."""
+        if score is None:
+            return Verdict.ERROR
+        try:
+            value = float(score) if not isinstance(score, str | bytes) else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None:
+            raise TypeError(
+                f"reward function {self.name} returned the score {score!r} (a "
+                f"{type(score).__name__}); scores must be numbers or None"
+            )
+        if math.isnan(value):
+            return Verdict.ERROR
+        return Verdict.CORRECT if value >= self.threshold else Verdict.WRONG
 
 
 def get_verifier(
@@ -165,6 +220,7 @@ def get_verifier(
 
     A reward function that itself uses SIGALRM (math-verify's default timeouts, as in
     `trl.rewards.accuracy_reward`) replaces our per-check timer with its own for that call."""
+    check_verifier(spec)
     if isinstance(spec, Verifier):
         return spec
     if callable(spec):
@@ -182,13 +238,9 @@ def get_verifier(
         check_math("\\boxed{1}", "1")
     if spec in NAMED_CHECKS:
         return Verifier(spec, check=NAMED_CHECKS[spec], time_limit_s=time_limit_s)
-    if isinstance(spec, str) and spec.startswith(REASONING_GYM_PREFIX):
-        task = spec[len(REASONING_GYM_PREFIX) :]
-        try:
-            check = make_reasoning_gym_check(task, threshold)
-        except Exception as error:
-            raise ValueError(f"unknown reasoning-gym task {task!r}: {error}") from error
-        return Verifier(spec, check=check, threshold=threshold, time_limit_s=time_limit_s)
-    raise ValueError(
-        f"unknown verifier {spec!r}; valid verifiers: {', '.join(valid_verifier_names())}"
-    )
+    task = spec[len(REASONING_GYM_PREFIX) :]  # check_verifier left only reasoning_gym:<task>
+    try:
+        check = make_reasoning_gym_check(task, threshold)
+    except Exception as error:
+        raise ValueError(f"unknown reasoning-gym task {task!r}: {error}") from error
+    return Verifier(spec, check=check, threshold=threshold, time_limit_s=time_limit_s)
