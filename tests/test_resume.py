@@ -139,11 +139,11 @@ def test_no_verified_data_quotes_the_counts_that_explain_it(tmp_path):
         assert part in message, message
 
 
-def test_an_unwritable_output_directory_fails_before_any_sampling(tmp_path):
+def test_an_unwritable_output_directory_fails_at_config_time(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(PermissionError, match="cannot write the IMM output directory"):
-        user_script(tmp_path, imm_config(tmp_path, output_dir=str(blocker / "imm")))
+    with pytest.raises(NotADirectoryError, match="is under the file"):
+        imm_config(tmp_path, output_dir=str(blocker / "imm"))
 
 
 def test_epochs_per_iteration_beside_max_steps_is_refused_before_sampling(tmp_path):
