@@ -354,52 +354,58 @@ class IMMCallback(TrainerCallback):
 
     def _open_output_dir(self) -> int:
         """Check the output directory against this run and restore what a resume continues
-        from; returns the number of completed iterations."""
+        from; returns the number of completed iterations. Every process reads the directory
+        before the main process changes it."""
         config, out = self.config, self.output_dir
-        is_main = self.trainer.is_world_process_zero()
         _check_writable(out)
-        if is_main:
-            remove_stale_staging(out)
         run_file = out / RUN_FILE
         saved_run = json.loads(run_file.read_text()) if run_file.is_file() else None
         found = [p.name for _, p in iteration_checkpoints(out)] + [p.name for p in work_directories(out)]
         completed = 0
-        if not config.resume:
-            if saved_run is not None or found:
-                if not config.overwrite:
-                    raise FileExistsError(
-                        f"{out} holds another run ({', '.join(sorted(found)) or RUN_FILE}); pass "
-                        "resume=True to continue it, overwrite=True to delete it and start over, "
-                        "or choose another output_dir"
-                    )
-                if is_main:
-                    self._delete_run_files()
-        else:
-            if saved_run is not None:
-                self._check_fingerprint(saved_run.get("fingerprint"), run_file)
-            newest = newest_intact_checkpoint(out)
-            if newest is not None:
-                path, state, tensors = newest
-                self._check_fingerprint(state.get("fingerprint"), path)
-                completed = state["iteration"]
-                if completed > config.iterations:
-                    raise ValueError(
-                        f"{path} holds {completed} completed iterations but iterations="
-                        f"{config.iterations}; ask for at least {completed} (or load that "
-                        "checkpoint's model instead of resuming)"
-                    )
-                restore_checkpoint_tensors(self.trainer.model, self.merger, tensors, path)
-                self.history = state["history"]
-                logger.info("resuming after iteration %d from %s", completed, path)
-            elif (out / METRICS_FILE).is_file() and saved_run is not None:
-                self.history = json.loads((out / METRICS_FILE).read_text())  # theta0's eval
-            if is_main:
-                for stale in work_directories(out):
-                    if int(stale.name.split("-")[1]) != completed + 1:
-                        shutil.rmtree(stale)
-        if is_main and (saved_run is None or not config.resume):
-            write_json_atomically(run_file, {"fingerprint": self.fingerprint})
+        if not config.resume and (saved_run is not None or found) and not config.overwrite:
+            raise FileExistsError(
+                f"{out} holds another run ({', '.join(sorted(found)) or RUN_FILE}); pass "
+                "resume=True to continue it, overwrite=True to delete it and start over, "
+                "or choose another output_dir"
+            )
+        if config.resume:
+            completed = self._restore(saved_run)
         self.trainer.accelerator.wait_for_everyone()
+        if self.trainer.is_world_process_zero():
+            remove_stale_staging(out)
+            if not config.resume:
+                self._delete_run_files()
+            for stale in work_directories(out):  # a crash after iteration-<t> was published
+                if int(stale.name.split("-")[1]) != completed + 1:
+                    shutil.rmtree(stale)
+            if saved_run is None or not config.resume:
+                write_json_atomically(run_file, {"fingerprint": self.fingerprint})
+        self.trainer.accelerator.wait_for_everyone()
+        return completed
+
+    def _restore(self, saved_run: dict | None) -> int:
+        """Load the newest intact iteration checkpoint of the same run into the model; returns
+        its iteration (0 if there is none)."""
+        out = self.output_dir
+        if saved_run is not None:
+            self._check_fingerprint(saved_run.get("fingerprint"), out / RUN_FILE)
+        newest = newest_intact_checkpoint(out)
+        if newest is None:
+            if saved_run is not None and (out / METRICS_FILE).is_file():
+                self.history = json.loads((out / METRICS_FILE).read_text())  # theta0's eval
+            return 0
+        path, state, tensors = newest
+        self._check_fingerprint(state.get("fingerprint"), path)
+        completed = state["iteration"]
+        if completed > self.config.iterations:
+            raise ValueError(
+                f"{path} holds {completed} completed iterations but iterations="
+                f"{self.config.iterations}; ask for at least {completed} (or load that "
+                "checkpoint's model instead of resuming)"
+            )
+        restore_checkpoint_tensors(self.trainer.model, self.merger, tensors, path)
+        self.history = state["history"]
+        logger.info("resuming after iteration %d from %s", completed, path)
         return completed
 
     def _check_fingerprint(self, saved: dict | None, source: Path) -> None:

@@ -40,4 +40,4 @@ def test_two_processes_sample_their_share_and_end_with_identical_weights(tmp_pat
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["changed_by_imm"], "the merge changed no weight; the comparison proves nothing"
     # Only the main process wrote the checkpoints.
-    assert sorted(p.name for p in (tmp_path / "imm").iterdir()) == ["imm_metrics.json", "iteration-1", "iteration-2"]
+    assert sorted(p.name for p in (tmp_path / "imm").iterdir()) == ["imm_metrics.json", "iteration-1", "iteration-2", "run.json"]
