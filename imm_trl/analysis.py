@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from imm_trl.files import write_atomically
+from imm_trl.merging.config import LAYER_PREFIX, layer_index
 from imm_trl.plots import new_figure, save_png
 
-LAYER_PREFIX = "layers"
 JSON_NAME = "layer_analysis.json"
 PNG_NAME = "layer_analysis.png"
 
@@ -51,15 +51,6 @@ TensorSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 # --------------------------------------------------------------------------------------------
 # Layer names
 # --------------------------------------------------------------------------------------------
-
-
-def layer_index(name: str, prefix: str = LAYER_PREFIX) -> int | None:
-    """The decoder-layer index of parameter `name` (`...{prefix}.{i}....`), else None."""
-    segments = name.split(".")
-    for position, segment in enumerate(segments[:-1]):
-        if segment == prefix and segments[position + 1].isdigit():
-            return int(segments[position + 1])
-    return None
 
 
 def decoder_layers(model: nn.Module, prefix: str = LAYER_PREFIX) -> nn.ModuleList:

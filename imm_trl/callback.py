@@ -29,14 +29,24 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, set_seed
 
+from imm_trl.adaptive import (
+    candidate_label,
+    check_no_overlap,
+    greedy_accuracy,
+    pick_candidate,
+    retain_answers,
+    retain_drift,
+)
 from imm_trl.checkpoints import (
     DATASET_FILE,
     METRICS_FILE,
+    RETAIN_FILE,
     RUN_FILE,
     STATE_FILE,
     checkpoint_tensors,
@@ -59,6 +69,7 @@ from imm_trl.distributed import whole_parameters
 from imm_trl.files import remove_stale_staging, write_json_atomically
 from imm_trl.fingerprint import differences, run_fingerprint
 from imm_trl.merging import FullWeightMerger, LoraMerger
+from imm_trl.merging.config import expand_depth_rules
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +148,19 @@ class IMMCallback(TrainerCallback):
         self._train_losses: list[float] = []
         self._timings: dict[str, float] = {}
         self._iteration = 0
+        self.training_questions, self.validation_questions = config.validation_split()
+        check_no_overlap(self.validation_questions, config.eval_sets, config.question_column)
+        self.retain_reference: list[str] | None = None
         model = trainer.model
         unpack_cpu_4bit_weights(model)  # theta0 must be read from plain 4-bit weights
+        names = [name for name, _ in model.named_parameters()]
+        merge_config = replace(config.merge_config, ratio=expand_depth_rules(config.merge_config.ratio, names))
+        self.ratio_candidates = merge_config.ratio if config.auto_ratio else None
         with whole_parameters(model):
             if is_peft_model(model):
-                self.merger = LoraMerger(model, config.merge_config, reset_seed=config.seed)
+                self.merger = LoraMerger(model, merge_config, reset_seed=config.seed)
             else:
-                self.merger = FullWeightMerger(model, config.merge_config)
+                self.merger = FullWeightMerger(model, merge_config)
             self.fingerprint = run_fingerprint(trainer, config)
             self.completed_iterations = self._open_output_dir()
         self._sampler_model_dir: Path | None = None
@@ -203,6 +220,8 @@ class IMMCallback(TrainerCallback):
     def train(self, *args, **kwargs):
         """Run all remaining IMM iterations; returns the last iteration's `TrainOutput`."""
         output = None
+        if self.config.retain_prompts is not None:
+            self.retain_reference = self._retain_reference()
         if self.completed_iterations > 0:
             self.refresh_sampler()  # a sampler given by the caller may hold theta0's weights
             if self.history[-1].get("pending"):
@@ -225,17 +244,21 @@ class IMMCallback(TrainerCallback):
             raise NoVerifiedDataError(no_verified_data_message(iteration, sampling_stats))
         with self.phase("train"):
             output = self.train_on(dataset, work / "trainer")
-        with self.phase("merge"), whole_parameters(trainer.model):
-            if is_peft_model(trainer.model):
-                self.merger.merge(trainer.model, iteration=iteration, reset=config.reset_adapter)
-            else:
-                self.merger.merge(trainer.model, iteration=iteration)
         metrics = {
             "iteration": iteration,
             "train_loss": sum(self._train_losses) / max(len(self._train_losses), 1),
             **{f"sampling/{k}": v for k, v in sampling_stats.items() if k != "malformed_rows"},
             "sampling/malformed_row_count": len(sampling_stats.get("malformed_rows") or []),
         }
+        ratio = None
+        if config.auto_ratio:
+            with self.phase("auto ratio"):
+                ratio, choice = self.choose_ratio(iteration)
+            metrics.update(choice)
+        with self.phase("merge"), whole_parameters(trainer.model):
+            self.merger.merge(trainer.model, iteration=iteration, reset=config.reset_adapter, ratio=ratio)
+            if config.anchor == "ema":
+                self.merger.move_anchor_(trainer.model, config.anchor_decay)
         with self.phase("checkpoint"):
             self.save_checkpoint(iteration, [*self.history, {**metrics, "pending": True}])
         self.completed_iterations = iteration
@@ -243,6 +266,33 @@ class IMMCallback(TrainerCallback):
             self.refresh_sampler()
         self.finish_iteration(metrics)
         return output
+
+    def choose_ratio(self, iteration: int):
+        """Try every candidate ratio on the trained model, score it on the validation
+        questions (and its drift on the retain prompts), undo it; returns the winner and what
+        was measured (metrics `auto/...`). Every process measures the same and picks alike."""
+        config, model = self.config, self.trainer.model
+        rejection_config = config.rejection_config(iteration)
+        with whole_parameters(model, modify=False):
+            before = self.merger.state_tensors(model)
+        scores, drifts = [], []
+        for candidate in self.ratio_candidates:
+            with whole_parameters(model):
+                self.merger.merge(model, iteration=iteration, reset=True, ratio=candidate)
+            self.refresh_sampler()
+            scores.append(greedy_accuracy(self.sampler, self.validation_questions, rejection_config))
+            if self.retain_reference is not None:
+                answers = retain_answers(self.sampler, config.retain_prompts, config.max_new_tokens)
+                drifts.append(retain_drift(self.retain_reference, answers))
+            with whole_parameters(model):
+                self.merger.load_state_tensors(model, before)
+        best = pick_candidate(config.ratio_candidates, scores, drifts or None, config.max_retain_drift)
+        labels = [candidate_label(c) for c in config.ratio_candidates]
+        choice = {f"auto/score/{label}": score for label, score in zip(labels, scores, strict=True)}
+        choice.update({f"auto/retain_drift/{label}": d for label, d in zip(labels, drifts, strict=False)})
+        choice.update({"auto/pick": labels[best], "auto/pick_index": best, "auto/pick_score": scores[best]})
+        logger.info("iteration %d: merge ratio %s chosen (validation accuracy %s)", iteration, labels[best], scores)
+        return self.ratio_candidates[best], choice
 
     def finish_iteration(self, metrics: dict[str, Any]) -> None:
         """Score the eval sets on G_t (its checkpoint is already written, so a crash here
@@ -308,7 +358,7 @@ class IMMCallback(TrainerCallback):
             logger.info("iteration %d: reusing the D_t saved in %s", iteration, work)
             rows, stats = saved["rows"], saved["stats"]
         else:
-            result = RejectionSampler(self.sampler, rejection_config).run(self.config.questions)
+            result = RejectionSampler(self.sampler, rejection_config).run(self.training_questions)
             rows, stats = result.dataset.to_list(), result.stats.as_dict()
             if self.trainer.is_world_process_zero():
                 write_dataset(work / DATASET_FILE, rows, stats, rejection_config.seed)
@@ -338,6 +388,20 @@ class IMMCallback(TrainerCallback):
             metrics.update({f"eval/{name}/{k}": v for k, v in scores.items()})
         return metrics
 
+    def _retain_reference(self) -> list[str]:
+        """theta0's greedy answers to the retain prompts: computed before iteration 1 and kept
+        in the output directory, since a resumed model is no longer theta0."""
+        path = self.output_dir / RETAIN_FILE
+        if path.is_file():
+            return json.loads(path.read_text())
+        if self.completed_iterations > 0:
+            raise FileNotFoundError(f"{path} is missing, so theta0's answers to retain_prompts are lost; start the run over")
+        answers = retain_answers(self.sampler, self.config.retain_prompts, self.config.max_new_tokens)
+        if self.trainer.is_world_process_zero():
+            write_json_atomically(path, answers)
+        self.trainer.accelerator.wait_for_everyone()
+        return answers
+
     # -- the output directory ----------------------------------------------------------------
 
     def save_checkpoint(self, iteration: int, history: list[dict[str, Any]]) -> None:
@@ -346,7 +410,7 @@ class IMMCallback(TrainerCallback):
         with whole_parameters(self.trainer.model, modify=False):
             if self.trainer.is_world_process_zero():
                 state = {"iteration": iteration, "history": history, "fingerprint": self.fingerprint}
-                tensors = checkpoint_tensors(self.trainer.model, self.merger)
+                tensors = checkpoint_tensors(self.trainer.model, self.merger, self.config.anchor == "ema")
                 write_checkpoint(self.output_dir, iteration, tensors, state)
                 rotate_checkpoints(self.output_dir, self.config.save_total_limit)
                 shutil.rmtree(work_directory(self.output_dir, iteration), ignore_errors=True)
@@ -428,7 +492,7 @@ class IMMCallback(TrainerCallback):
             shutil.rmtree(path)
         for path in work_directories(out):
             shutil.rmtree(path)
-        for name in (RUN_FILE, METRICS_FILE):
+        for name in (RUN_FILE, METRICS_FILE, RETAIN_FILE):
             (out / name).unlink(missing_ok=True)
 
     def _remove_sampler_model(self) -> None:

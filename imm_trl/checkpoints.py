@@ -37,6 +37,8 @@ WEIGHTS_FILE = "merged_weights.safetensors"
 METRICS_FILE = "imm_metrics.json"
 DATASET_FILE = "dataset.json"
 MASTER_PREFIX = "imm_master::"
+ANCHOR_PREFIX = "imm_anchor::"
+RETAIN_FILE = "retain_reference.json"
 CHECKPOINT_NAME = re.compile(r"^iteration-(\d+)$")
 WORK_NAME = re.compile(r"^work-(\d+)$")
 
@@ -68,24 +70,31 @@ def state_parameter_names(model) -> list[str]:
     ]
 
 
-def checkpoint_tensors(model, merger) -> dict[str, torch.Tensor]:
-    """What an iteration checkpoint holds: the parameters of `state_parameter_names` and, for
-    QLoRA, each quantized weight's master copy (the truth; the 4/8-bit weight is its rounding).
-    Whole tensors only where the model's parameters are whole (inside `whole_parameters`)."""
+def checkpoint_tensors(model, merger, moving_anchor: bool = False) -> dict[str, torch.Tensor]:
+    """What an iteration checkpoint holds: the parameters of `state_parameter_names`, for
+    QLoRA each quantized weight's master copy (the truth; the 4/8-bit weight is its rounding),
+    and with a moving anchor the anchor tensors. Whole tensors only where the model's
+    parameters are whole (inside `whole_parameters`)."""
     params = dict(model.named_parameters())
     tensors = {name: params[name] for name in state_parameter_names(model)}
     for target in getattr(merger, "targets", {}).values():
         if target.quantized:
             tensors[MASTER_PREFIX + target.name] = target.master
+    if moving_anchor:
+        tensors.update({ANCHOR_PREFIX + name: t for name, t in merger.anchor_tensors().items()})
     return tensors
 
 
 @torch.no_grad()
 def restore_checkpoint_tensors(model, merger, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy a checkpoint's tensors (`checkpoint_tensors`) back into the model and the merger's
-    master copies, in place."""
+    master copies (and anchors), in place."""
     from imm_trl.merging.lora import requantize
 
+    anchors = {n.removeprefix(ANCHOR_PREFIX): t for n, t in tensors.items() if n.startswith(ANCHOR_PREFIX)}
+    if anchors:
+        merger.load_anchor_tensors(anchors)
+    tensors = {n: t for n, t in tensors.items() if not n.startswith(ANCHOR_PREFIX)}
     params = dict(model.named_parameters())
     masters = {t.name: t for t in getattr(merger, "targets", {}).values() if t.quantized}
     unknown = [n for n in tensors if n not in params and n.removeprefix(MASTER_PREFIX) not in masters]

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from imm_trl.adaptive import (
+    ANCHORS,
+    AUTO,
+    DEFAULT_AUTO_GRID,
+    check_grid,
+    split_validation,
+    validation_count,
+)
 from imm_trl.merging import MergeConfig
 from imm_trl.merging.config import check_density_applies, default_density
 from imm_trl.rejection import RejectionSamplingConfig, check_questions
@@ -28,6 +36,39 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_adaptive_settings(config: IMMConfig) -> None:
+    """Auto ratio, retain guard and anchor settings: given together or not at all."""
+    if isinstance(config.merge_ratio, str) and not config.auto_ratio:
+        raise ValueError(f"merge_ratio {config.merge_ratio!r} is not a ratio; give a number, a map, or 'auto'")
+    if config.auto_ratio:
+        check_grid(config.ratio_candidates)
+        if config.questions is not None:
+            validation_count(config.validation_questions, len(list(config.questions)))
+        else:
+            validation_count(config.validation_questions, 10**9)  # the share itself
+    else:
+        given = [n for n in ("auto_ratio_grid", "validation_questions", "retain_prompts") if getattr(config, n) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply only to merge_ratio='auto' (got merge_ratio={config.merge_ratio!r}); remove them or set merge_ratio='auto'")
+    if (config.retain_prompts is None) != (config.max_retain_drift is None):
+        raise ValueError(
+            "retain_prompts and max_retain_drift go together: the prompts say where drift is "
+            "measured, the bound says how much is allowed; give both or neither"
+        )
+    if config.retain_prompts is not None and not config.retain_prompts:
+        raise ValueError("retain_prompts is empty; give some prompts or remove it")
+    if config.max_retain_drift is not None and not 0 <= config.max_retain_drift <= 1:
+        raise ValueError(f"max_retain_drift is a share of prompts, in [0, 1]; got {config.max_retain_drift!r}")
+    check_choice("IMMConfig.anchor", config.anchor, ANCHORS)
+    if (config.anchor == "ema") != (config.anchor_decay is not None):
+        raise ValueError(
+            f"anchor_decay goes with anchor='ema' only (got anchor={config.anchor!r}, "
+            f"anchor_decay={config.anchor_decay!r}); e.g. anchor='ema', anchor_decay=0.5"
+        )
+    if config.anchor_decay is not None and not 0 <= config.anchor_decay < 1:
+        raise ValueError(f"anchor_decay must be in [0, 1), got {config.anchor_decay!r}")
+
+
 @dataclass
 class IMMConfig:
     """Settings of an IMM run; the callback and `run_imm` read only this.
@@ -48,7 +89,9 @@ class IMMConfig:
         default=0.5,
         metadata={
             "help": "alpha: a number, a per-layer map like {'layers.0-7': 0.3, 'default': 0.5}, "
-            "or a list with one of those per iteration (a schedule)."
+            "a depth rule {'depth': [first_layer, last_layer]} (linear over decoder layers, as "
+            "in LiNeS), a list with one of those per iteration (a schedule), or 'auto': chosen "
+            "each iteration from auto_ratio_grid on held-out training questions."
         },
     )
     density: float | None = field(
@@ -151,6 +194,45 @@ class IMMConfig:
         default=False,
         metadata={"help": "Keep the vLLM engine's model copy (sampler-model-rank<k>) after the run."},
     )
+    auto_ratio_grid: list | None = field(
+        default=None,
+        metadata={
+            "help": "merge_ratio='auto': the candidates tried each iteration, ratios in (0, 2] or "
+            "depth rules; None = [0.25, 0.5, 0.75, 1.0]."
+        },
+    )
+    validation_questions: int | float | None = field(
+        default=None,
+        metadata={
+            "help": "merge_ratio='auto': training questions held out to score the candidates, a "
+            "count or a fraction in (0, 1); None = 0.2. Both parts keep at least 8."
+        },
+    )
+    retain_prompts: list | None = field(
+        default=None,
+        metadata={
+            "help": "merge_ratio='auto': prompts (any text, e.g. general instructions) on which a "
+            "candidate's greedy answers are compared with theta0's; needs max_retain_drift."
+        },
+    )
+    max_retain_drift: float | None = field(
+        default=None,
+        metadata={
+            "help": "Largest share of retain_prompts whose greedy answer may differ from theta0's "
+            "for a candidate to be eligible, in [0, 1]."
+        },
+    )
+    anchor: str = field(
+        default="theta0",
+        metadata={
+            "help": "What each merge pulls back to: 'theta0' (IMM) or 'ema', an exponential "
+            "moving average of the merged models (G_t = A_t + alpha*M(theta_t - A_t), as in WARP)."
+        },
+    )
+    anchor_decay: float | None = field(
+        default=None,
+        metadata={"help": "anchor='ema': A_{t+1} = decay*A_t + (1-decay)*G_t, decay in [0, 1)."},
+    )
 
     def __post_init__(self) -> None:
         check_dataclass(self)  # types and ranges first: later checks compare and index
@@ -163,6 +245,7 @@ class IMMConfig:
                 f"merge_ratio schedule has {len(self.merge_ratio)} entries for {self.iterations} "
                 "iterations; give exactly one per iteration"
             )
+        check_adaptive_settings(self)
         _ = self.merge_config  # validates method, density and ratio now, not after training
         check_verifier(self.verifier)
         valid = {f.name for f in fields(self.sampler_config_class())}
@@ -212,10 +295,29 @@ class IMMConfig:
 
     @property
     def merge_config(self) -> MergeConfig:
+        """The merge settings; with merge_ratio='auto' its ratio is the candidate grid (every
+        merge then names the candidate it makes)."""
         density = self.density if self.density is not None else default_density(self.merge_method)
         return MergeConfig(
-            method=self.merge_method, ratio=self.merge_ratio, density=density, seed=self.seed
+            method=self.merge_method, ratio=self.ratio_candidates if self.auto_ratio else self.merge_ratio,
+            density=density, seed=self.seed,
         )
+
+    @property
+    def auto_ratio(self) -> bool:
+        return self.merge_ratio == AUTO
+
+    @property
+    def ratio_candidates(self) -> list:
+        return list(DEFAULT_AUTO_GRID if self.auto_ratio_grid is None else self.auto_ratio_grid)
+
+    def validation_split(self):
+        """(training questions, validation questions) of an auto-ratio run (all training and
+        none held out otherwise), split once with the run's seed."""
+        rows = [dict(row) for row in self.questions]
+        if not self.auto_ratio:
+            return rows, []
+        return split_validation(rows, self.validation_questions, self.seed)
 
     def rejection_config(self, iteration: int) -> RejectionSamplingConfig:
         """Rejection-sampling settings of iteration `iteration`; its own seed, so a resumed

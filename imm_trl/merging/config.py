@@ -12,6 +12,15 @@ that matches a parameter decides its ratio, and `"default"` covers the rest:
 - a key with `*` or `?`: a glob over the whole name (`*.q_proj.*`).
 - anything else: matches names containing it as whole dot-separated segments (`mlp`,
   `self_attn.q_proj`, `lm_head`).
+
+A depth rule gives alpha as a straight line over decoder-layer depth, as LiNeS does:
+
+    {"depth": [0.2, 0.8]}                  # layer 0 gets 0.2, the last layer 0.8
+    {"depth": [0.2, 0.8], "default": 0.5}  # parameters outside the layers (embeddings, norm)
+
+Parameters outside the decoder layers get `default` (the mean of the two ends if not given).
+A depth rule needs the model's layer count, so it is expanded into a per-layer map
+(`expand_depth_rules`) once the model is known.
 """
 
 from __future__ import annotations
@@ -160,10 +169,70 @@ class RatioMap:
         return self.default
 
 
+LAYER_PREFIX = "layers"
+
+
+def layer_index(name: str, prefix: str = LAYER_PREFIX) -> int | None:
+    """The decoder-layer index in a parameter name (`model.layers.3.mlp...` -> 3), or None."""
+    parts = name.split(".")
+    for position, part in enumerate(parts[:-1]):
+        if part == prefix and parts[position + 1].isdigit():
+            return int(parts[position + 1])
+    return None
+
+
+def is_depth_rule(ratio) -> bool:
+    return isinstance(ratio, Mapping) and "depth" in ratio
+
+
+def check_depth_rule(rule: Mapping) -> tuple[float, float, float]:
+    """(first, last, default) of a depth rule; a ValueError naming the fix if it is malformed."""
+    unknown = sorted(set(rule) - {"depth", "default"})
+    ends = rule.get("depth")
+    if unknown or not isinstance(ends, (list, tuple)) or len(ends) != 2:
+        raise ValueError(
+            f"bad depth rule {dict(rule)!r}; write {{'depth': [first_layer_ratio, "
+            "last_layer_ratio]}, optionally with 'default' for parameters outside the layers"
+        )
+    first = check_ratio_value(ends[0], "depth rule first-layer ratio")
+    last = check_ratio_value(ends[1], "depth rule last-layer ratio")
+    default = check_ratio_value(rule.get("default", (first + last) / 2), "depth rule 'default'")
+    return first, last, default
+
+
+def expand_depth_rule(rule: Mapping, names: Sequence[str]) -> dict[str, float]:
+    """A depth rule as a per-layer ratio map over the decoder layers found in `names`:
+    layer i of L gets first + (last - first) * i / (L - 1)."""
+    first, last, default = check_depth_rule(rule)
+    indices = sorted({i for name in names if (i := layer_index(name)) is not None})
+    if not indices:
+        raise ValueError(
+            f"the depth rule {dict(rule)!r} needs decoder layers named '{LAYER_PREFIX}.<i>', and "
+            f"none of the merged parameters is (e.g. {', '.join(list(names)[:3])}); use a number "
+            "or a per-layer map"
+        )
+    count = indices[-1] + 1
+    span = max(count - 1, 1)
+    mapping = {f"{LAYER_PREFIX}.{i}": first + (last - first) * i / span for i in range(count)}
+    return {**mapping, "default": default}
+
+
+def expand_depth_rules(schedule: RatioSchedule, names: Sequence[str]) -> RatioSchedule:
+    """`schedule` with every depth rule replaced by its per-layer map over `names`."""
+    if isinstance(schedule, (list, tuple)):
+        return [expand_depth_rules(entry, names) for entry in schedule]
+    return expand_depth_rule(schedule, names) if is_depth_rule(schedule) else schedule
+
+
 def parse_ratio(ratio: Ratio | RatioMap) -> RatioMap:
     """A number or a `{pattern: ratio, "default": ratio}` mapping, as a `RatioMap`."""
     if isinstance(ratio, RatioMap):
         return ratio
+    if is_depth_rule(ratio):
+        raise ValueError(
+            f"the depth rule {dict(ratio)!r} must be expanded with the model's parameter names "
+            "first (expand_depth_rules)"
+        )
     if isinstance(ratio, Mapping):
         if "default" not in ratio:
             raise ValueError(
@@ -220,7 +289,7 @@ def check_schedule(schedule: RatioSchedule, iterations: int | None = None) -> No
     """Parse every entry of `schedule` (raising on typos) and, if given, check its length."""
     entries = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule]
     for entry in entries:
-        parse_ratio(entry)
+        check_depth_rule(entry) if is_depth_rule(entry) else parse_ratio(entry)
     if (
         isinstance(schedule, (list, tuple))
         and iterations is not None

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imm_trl.merging.config import MergeConfig, check_ratio_patterns
+from imm_trl.merging.config import MergeConfig, check_ratio_patterns, parse_ratio
 from imm_trl.merging.functional import merge_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
-from imm_trl.merging.state_dict import aliased_tensors, capture_theta0_, view_key
+from imm_trl.merging.state_dict import aliased_tensors, capture_theta0_, moving_average, view_key
 
 PEFT_PREFIX = "base_model.model."
 RESETTABLE_INITS = (True, "gaussian")
@@ -270,11 +270,14 @@ class LoraMerger:
                 reader.close()
 
     @torch.no_grad()
-    def merge(self, model: nn.Module | None = None, iteration: int = 1, reset: bool = True) -> None:
-        """Merge the adapter into the base weights at iteration `iteration`'s ratio, in place,
-        then (if `reset`) re-initialise the adapter. `model` is accepted for symmetry with
-        `FullWeightMerger`; the layers found at construction are the ones merged."""
-        ratio_map = self.config.ratio_map(iteration)
+    def merge(
+        self, model: nn.Module | None = None, iteration: int = 1, reset: bool = True, ratio=None
+    ) -> None:
+        """Merge the adapter into the base weights at iteration `iteration`'s ratio (or at
+        `ratio`, a number or ratio map, when given), in place, then (if `reset`) re-initialise
+        the adapter. `model` is accepted for symmetry with `FullWeightMerger`; the layers found
+        at construction are the ones merged."""
+        ratio_map = parse_ratio(ratio) if ratio is not None else self.config.ratio_map(iteration)
         reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
         settings = dict(
             method=self.config.method,
@@ -314,6 +317,61 @@ class LoraMerger:
         merge_into_(current, theta0, delta_w, ratio=ratio, name=target.name, **settings)
         if target.quantized:
             requantize(target.base_layer, target.master)
+
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything `merge` writes: each target's weight (its master if quantized), each
+        modules_to_save copy, and the adapter factors, by a unique name."""
+        tensors = {}
+        for target in self.targets.values():
+            tensors[target.name] = target.master if target.quantized else target.base_layer.weight.data
+            for index, layer in enumerate(target.layers):
+                for name, param in layer.named_parameters():
+                    if "lora_" in name:
+                        tensors[f"{target.name}#{index}.{name}"] = param.data
+        for saved in self.saved_modules:
+            tensors[f"{saved.name}#original"] = saved.original.data
+            tensors[f"{saved.name}#trained"] = saved.trained.data
+        return tensors
+
+    @torch.no_grad()
+    def state_tensors(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Copies of everything `merge` changes, to try a merge and undo it
+        (`load_state_tensors`)."""
+        return {name: tensor.clone() for name, tensor in self._live_tensors().items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, model: nn.Module | None, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what `state_tensors` copied (re-quantizing quantized layers)."""
+        for name, tensor in self._live_tensors().items():
+            tensor.copy_(tensors[name])
+        for target in self.targets.values():
+            if target.quantized:
+                requantize(target.base_layer, target.master)
+
+    def anchor_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors merges are anchored at (theta0 at first), by parameter name."""
+        if self.theta0_dir is not None:
+            raise ValueError("a moving anchor needs theta0 in memory; build the merger without theta0_dir")
+        anchors = {t.name: t.theta0 for t in self.targets.values()}
+        return {**anchors, **{s.name: s.theta0 for s in self.saved_modules}}
+
+    @torch.no_grad()
+    def move_anchor_(self, model: nn.Module | None, decay: float) -> None:
+        """anchor <- decay * anchor + (1 - decay) * G, G the weights after the last merge (an
+        exponential moving average of the merged models, as in WARP). New tensors, so a
+        memory-mapped theta0 is never written."""
+        for target in self.targets.values():
+            current = target.master if target.quantized else target.base_layer.weight.data
+            target.theta0 = moving_average(target.theta0, current, decay)
+        for saved in self.saved_modules:
+            saved.theta0 = moving_average(saved.theta0, saved.original.data, decay)
+
+    def load_anchor_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the anchors with `tensors` (a checkpoint's), by parameter name."""
+        for target in self.targets.values():
+            target.theta0 = tensors[target.name].to(target.theta0.dtype).clone()
+        for saved in self.saved_modules:
+            saved.theta0 = tensors[saved.name].to(saved.theta0.dtype).clone()
 
     @torch.no_grad()
     def reset_adapter(self) -> None:

@@ -137,6 +137,13 @@ def aliased_tensors(model: nn.Module) -> set[int]:
     return aliased
 
 
+def moving_average(anchor: torch.Tensor, current: torch.Tensor, decay: float) -> torch.Tensor:
+    """`decay * anchor + (1 - decay) * current`, computed in float32, as a new CPU tensor of
+    the anchor's dtype."""
+    mixed = anchor.float() * decay + current.detach().to("cpu", torch.float32) * (1.0 - decay)
+    return mixed.to(anchor.dtype)
+
+
 def capture_theta0_(param: torch.Tensor, aliased: bool = False) -> torch.Tensor:
     """Capture theta0 of a live parameter, before it is trained or merged into.
 
@@ -196,9 +203,11 @@ class FullWeightMerger:
                 )
 
     @torch.no_grad()
-    def merge(self, model: nn.Module, iteration: int = 1) -> None:
-        """Merge `model`'s current weights with theta0, in place, at iteration `iteration`'s ratio."""
-        ratio_map = self.config.ratio_map(iteration)
+    def merge(self, model: nn.Module, iteration: int = 1, reset: bool = True, ratio=None) -> None:
+        """Merge `model`'s current weights with theta0, in place, at iteration `iteration`'s
+        ratio (or at `ratio`, a number or ratio map, when given). `reset` is accepted for
+        symmetry with `LoraMerger`: there is no adapter to re-initialise."""
+        ratio_map = parse_ratio(ratio) if ratio is not None else self.config.ratio_map(iteration)
         reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
         merged = set()
         try:
@@ -228,3 +237,32 @@ class FullWeightMerger:
         finally:
             if reader is not None:
                 reader.close()
+
+    @torch.no_grad()
+    def state_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Copies of every parameter (what `merge` changes), to try a merge and undo it."""
+        return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what `state_tensors` copied."""
+        for name, param in model.named_parameters():
+            param.copy_(tensors[name])
+
+    def anchor_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors merges are anchored at (theta0 at first), by parameter name."""
+        if self.theta0_dir is not None:
+            raise ValueError("a moving anchor needs theta0 in memory; build the merger without theta0_dir")
+        return dict(self._theta0)
+
+    @torch.no_grad()
+    def move_anchor_(self, model: nn.Module, decay: float) -> None:
+        """anchor <- decay * anchor + (1 - decay) * G, G the weights after the last merge (an
+        exponential moving average of the merged models, as in WARP). New tensors, so a
+        memory-mapped theta0 is never written."""
+        for name, param in model.named_parameters():
+            self._theta0[name] = moving_average(self._theta0[name], param.detach(), decay)
+
+    def load_anchor_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the anchors with `tensors` (a checkpoint's), by parameter name."""
+        self._theta0 = {name: tensors[name].to(t.dtype).clone() for name, t in self._theta0.items()}
