@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "full", "lora-auto"])
 def test_two_processes_sample_their_share_and_end_with_identical_weights(tmp_path, mode):
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -32,10 +32,17 @@ def test_two_processes_sample_their_share_and_end_with_identical_weights(tmp_pat
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["iterations"] for r in ranks] == [[1, 2], [1, 2]]
-    # 8 questions, 2 iterations: each process generated for its half (4 questions) each time.
-    assert [r["prompts_sampled_here"] for r in ranks] == [8, 8]
+    if mode == "lora-auto":
+        # Every process scored every candidate alike and made the same pick.
+        assert ranks[0]["auto"] == ranks[1]["auto"] and all(row["auto/pick"] for row in ranks[0]["auto"])
+        assert len({v for row in ranks[0]["auto"] for k, v in row.items() if k.startswith("auto/score/")}) > 1
+    else:
+        # 8 questions, 2 iterations: each process generated for its half (4 questions) each time.
+        assert [r["prompts_sampled_here"] for r in ranks] == [8, 8]
     # Every process built the same D_t from the gathered completions ...
-    assert ranks[0]["dataset"] == ranks[1]["dataset"] and len(ranks[0]["dataset"]) == 16
+    assert ranks[0]["dataset"] == ranks[1]["dataset"] and ranks[0]["dataset"]
+    if mode != "lora-auto":  # the auto run's verifier keeps only some completions
+        assert len(ranks[0]["dataset"]) == 16
     # ... and merged to bit-identical weights, which IMM did change.
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["changed_by_imm"], "the merge changed no weight; the comparison proves nothing"

@@ -18,6 +18,13 @@ from imm_trl.models import tiny_model
 from imm_trl.sampling import HFSampler
 
 QUESTIONS = [{"question": f"What is {a} + {a + 1}?", "answer": str(2 * a + 1)} for a in range(8)]
+# merge_ratio='auto' holds 8 of them out to score the candidates.
+AUTO_QUESTIONS = [{"question": f"What is {a} + {a + 2}?", "answer": str(2 * a + 2)} for a in range(16)]
+
+
+def half_the_text(completions, **columns):
+    """Passes completions of even length: candidates score differently, not all alike."""
+    return [1.0 if len(completion[0]["content"].strip()) % 2 == 0 else 0.0 for completion in completions]
 
 
 def any_text(completions, **columns):
@@ -39,7 +46,7 @@ def digests(model) -> dict[str, str]:
     }
 
 
-def main(out_dir: Path, peft: bool) -> None:
+def main(out_dir: Path, peft: bool, auto: bool = False) -> None:
     model, tokenizer = tiny_model(seed=0)
     args = SFTConfig(
         output_dir=str(out_dir), use_cpu=True, bf16=False, max_steps=3, per_device_train_batch_size=2,
@@ -56,6 +63,10 @@ def main(out_dir: Path, peft: bool) -> None:
         temperature=1.0, max_new_tokens=12, verifier=any_text, questions=QUESTIONS, seed=3,
         output_dir=str(out_dir / "imm"),
     )
+    if auto:
+        config = config.with_overrides(
+            merge_ratio="auto", questions=AUTO_QUESTIONS, validation_questions=8, verifier=half_the_text
+        )
     imm = IMMCallback(trainer, config, sampler=sampler)
     trainer.add_callback(imm)
     trainer.train()
@@ -69,9 +80,10 @@ def main(out_dir: Path, peft: bool) -> None:
         "dataset": [row["completion"][0]["content"] for row in imm.last_dataset],
         "prompts_sampled_here": sampler.prompts_seen,
         "iterations": [row["iteration"] for row in imm.history],
+        "auto": [{k: v for k, v in row.items() if k.startswith("auto/")} for row in imm.history],
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), peft=sys.argv[2] == "lora")
+    main(Path(sys.argv[1]), peft=sys.argv[2].startswith("lora"), auto=sys.argv[2].endswith("auto"))
