@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from machine_load import describe, machine_load
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PHASE_LINE = re.compile(r"iteration (\d+)/(\d+): ([a-z ]+)")
@@ -215,19 +217,13 @@ def run_trial(model: str, directory: Path, reference: Run, reference_weights: di
     return {
         "target": f"{target[0]}:{target[1]}", "delay_s": round(delay, 2), "killed": killed.killed_at is not None,
         "killed_in": live_phase, "resumed": resumed.returncode == 0, "identical": same,
-        "lost_s": round(kill_wall - max(saved), 2) if saved and killed.killed_at else None,
+        "first_run_exit": killed.returncode,
+        "lost_s": (round(kill_wall - max(saved), 2) if saved else round(killed.killed_at, 2)) if killed.killed_at else None,
         "since_start_s": round(killed.killed_at, 2) if killed.killed_at else None,
         "reused": reused, "junk": junk(directory) if resumed.returncode == 0 else None,
         "resume_s": round(resumed.seconds, 1),
         "error": None if resumed.returncode == 0 else "\n".join(resumed.log[-5:]),
     }
-
-
-def load_average() -> str:
-    one, five, _ = os.getloadavg()
-    pressure = Path("/proc/pressure/cpu")
-    some = pressure.read_text().split()[1] if pressure.exists() else "n/a"
-    return f"load {one:.2f}/{five:.2f}, cpu pressure {some}"
 
 
 def write_results(model: str, rows: list[dict], meta: dict) -> None:
@@ -278,7 +274,7 @@ def main() -> None:
         meta = {
             "command": f"python benchmarks/fault_injection.py --model {args.model} --kills {args.kills} --seed {args.seed}",
             "summary": summary + (" PARTIAL." if k + 1 < args.kills else ""),
-            "note": f"Measured {time.strftime('%Y-%m-%d %H:%M')}, {load_average()}; {time.time() - started:.0f} s so far.",
+            "note": f"Measured {time.strftime('%Y-%m-%d %H:%M')}, {describe(machine_load())}; {time.time() - started:.0f} s so far.",
             "reference_seconds": reference.seconds,
         }
         write_results(args.model, rows, meta)

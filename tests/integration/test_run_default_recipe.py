@@ -56,3 +56,26 @@ def test_default_recipe_runs_end_to_end_with_vllm(tmp_path):
 
 def trainer_questions(callback):
     return callback.config.questions
+
+
+def test_auto_ratio_runs_two_iterations_of_the_default_recipe_and_records_its_choices(tmp_path):
+    from imm_trl.loop import run_imm
+
+    callback = run_imm(RECIPE, [
+        "--sft.output_dir", str(tmp_path), "--sft.max_steps", "3", "--sft.per_device_train_batch_size", "4",
+        "--data.n_train", "32", "--data.n_eval", "8", "--imm.iterations", "2",
+        "--imm.merge_ratio", "auto", "--imm.validation_questions", "12",
+        "--imm.sampler_kwargs", "{enforce_eager: true, show_progress: false, cpu_kv_cache_gib: 1}",
+    ])
+    history = json.loads((tmp_path / "imm" / "imm_metrics.json").read_text())
+    labels = ["0.25", "0.5", "0.75", "1"]
+    for row in history[1:]:
+        scores = [row[f"auto/score/{label}"] for label in labels]
+        assert all(0.0 <= s <= 1.0 for s in scores)
+        assert row["auto/pick"] in labels and row["auto/pick_score"] == max(scores)
+        assert row["seconds/auto_ratio"] > 0
+    # the pick is the one recorded in the checkpoint the resume would read
+    state = json.loads((tmp_path / "imm" / "iteration-2" / "imm_state.json").read_text())
+    assert [r["auto/pick"] for r in state["history"][1:]] == [r["auto/pick"] for r in history[1:]]
+    assert len(callback.validation_questions) == 12 and len(callback.training_questions) == 20
+    callback.sampler.close()
