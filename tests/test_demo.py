@@ -56,6 +56,7 @@ def test_quick_budget_replaces_the_full_one_and_overrides_come_last(tmp_path):
     assert raw["sft"]["output_dir"] == str(tmp_path / "imm")
     assert raw["imm"]["iterations"] == 2 and raw["imm"]["merge_ratio"] == 0.7
     assert raw["imm"]["eval_at_start"] is False  # theta0 is scored once, by the demo
+    assert raw["imm"]["overwrite"] is True
     assert raw["imm"]["sampler_kwargs"] == {
         "show_progress": False,
         "cpu_kv_cache_gib": 1.0,
