@@ -88,9 +88,11 @@ DEFAULT_RECIPE: dict[str, Any] = {
 ARMS: dict[str, str] = {"self_improve": "self-improve", "imm": "IMM"}
 THETA0 = "θ0"
 
-# The full budget fits two arms in 10 minutes on 2 cores with warm caches (measured in
-# benchmarks/results/demo/report.md): training dominates, and its cost follows the D_t size,
-# i.e. n_train. The --quick budget is a few minutes of actual work (engine start aside).
+# The full budget is sized for two arms in 10 minutes on 2 idle cores with warm caches. Training
+# dominates and its cost follows the D_t size, i.e. n_train: one arm of 128 questions took
+# ~100 s per iteration, 80 of them training (benchmarks/results/demo/report.md), so two arms of
+# 96 come to ~7 minutes by that measurement (an estimate: not yet timed on an idle machine).
+# The --quick budget is a few minutes of actual work (engine start aside).
 QUICK = {"n_train": 16, "n_eval": 24, "max_steps": 2, "eval_samples": 1}
 
 SETS = ("id", "ood")
