@@ -549,35 +549,12 @@ def build_arm(recipe, sampler, display, verbose: bool):
     """`imm_trl.loop.build_trainer` for one arm, with its IMM callback sampling through
     `sampler` (None: the callback's own) and, unless `verbose`, the trainer's progress bar and
     printed logs replaced by `display`'s step count (the loss still reaches `report_to`)."""
-    from peft import LoraConfig
     from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
 
-    from imm_trl.callback import IMMCallback
-    from imm_trl.config import IMMConfig
-    from imm_trl.loop import load_model, load_questions, seed_dataset
+    from imm_trl.loop import build_trainer
     from imm_trl.progress import TrainingProgress
 
-    train, eval_sets = load_questions(recipe.data)
-    imm_config = IMMConfig.from_dict(
-        {
-            "verifier": train.verifier,
-            "eval_sets": eval_sets,
-            "solution_column": "solution",
-            **recipe.imm,
-            "questions": train.rows,
-        }
-    )
-    model, tokenizer = load_model(recipe.model)
-    trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(**recipe.sft),
-        train_dataset=seed_dataset(train),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**recipe.peft) if recipe.peft is not None else None,
-    )
-    callback = IMMCallback(trainer, imm_config, sampler=sampler)
-    trainer.add_callback(callback)
+    trainer, callback = build_trainer(recipe, sampler=sampler)
     if not verbose:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)

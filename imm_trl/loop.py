@@ -261,8 +261,9 @@ def seed_dataset(train):
     return Dataset.from_list(rows)
 
 
-def build_trainer(recipe: Recipe):
-    """The `SFTTrainer` with `IMMCallback` that a user would write for this recipe."""
+def build_trainer(recipe: Recipe, sampler=None):
+    """The `SFTTrainer` with `IMMCallback` that a user would write for this recipe (sampling
+    through `sampler` when given, else the callback's own)."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -283,7 +284,7 @@ def build_trainer(recipe: Recipe):
         processing_class=tokenizer,
         peft_config=LoraConfig(**recipe.peft) if recipe.peft is not None else None,
     )
-    callback = IMMCallback(trainer, imm_config)
+    callback = IMMCallback(trainer, imm_config, sampler=sampler)
     trainer.add_callback(callback)
     return trainer, callback
 

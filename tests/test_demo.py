@@ -79,7 +79,7 @@ def test_arms_differ_only_by_the_merge_and_the_directory(tmp_path):
     assert list(arms) == ["self_improve", "imm"]  # the order they run in
     merge = {"merge_method": "linear", "merge_ratio": 1.0, "density": 1.0}
     assert {k: arms["self_improve"]["imm"][k] for k in merge} == merge
-    assert IMMConfig.from_dict({**arms["self_improve"]["imm"], "questions": []}).merge_ratio == 1.0
+    assert IMMConfig.from_dict(arms["self_improve"]["imm"]).merge_ratio == 1.0
     assert arms["imm"]["imm"]["merge_ratio"] == 0.7  # overrides reach the IMM arm
     assert arms["self_improve"]["sft"]["output_dir"] == str(tmp_path / "self_improve")
     assert arms["imm"]["sft"]["output_dir"] == str(tmp_path / "imm")

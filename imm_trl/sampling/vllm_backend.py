@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -87,7 +87,13 @@ class VLLMSamplerConfig:
             "same kept tokens. GPUs keep vLLM's own (FlashInfer) top-p."
         },
     )
-    show_progress: bool = field(default=True, metadata={"help": "Show vLLM's progress bar."})
+    show_progress: bool | Callable = field(
+        default=True,
+        metadata={
+            "help": "vLLM's progress bar: True/False, or a tqdm-like factory, which vLLM's "
+            "`use_tqdm` accepts (the demo counts completions with one)."
+        },
+    )
     engine_kwargs: dict = field(
         default_factory=dict, metadata={"help": "Extra keyword arguments for `vllm.LLM`."}
     )
