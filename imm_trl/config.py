@@ -39,7 +39,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 def check_adaptive_settings(config: IMMConfig) -> None:
     """Auto ratio, retain guard and anchor settings: given together or not at all."""
     if isinstance(config.merge_ratio, str) and not config.auto_ratio:
-        raise ValueError(f"merge_ratio {config.merge_ratio!r} is not a ratio; give a number, a map, or 'auto'")
+        raise ValueError(
+            f"merge_ratio must be a finite number >= 0 (the merge ratio alpha), a per-layer map, a "
+            f"depth rule or 'auto', got {config.merge_ratio!r}"
+        )
     if config.auto_ratio:
         check_grid(config.ratio_candidates)
         if config.questions is not None:
