@@ -151,6 +151,28 @@ class IMMConfig:
         default=False,
         metadata={"help": "Keep the vLLM engine's model copy (sampler-model-rank<k>) after the run."},
     )
+    merge_every_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Step mode: merge back into theta0 every this-many optimizer steps of the trainer's "
+            "own run (SFT, GRPO, RLOO), and once more at the end; no sampling, no iterations. "
+            "merge_ratio schedules are indexed by merge count. None = iteration mode."
+        },
+    )
+    reset_optimizer_on_merge: bool = field(
+        default=False,
+        metadata={
+            "help": "Step mode, full fine-tuning: clear the optimizer state after each merge (LoRA "
+            "always clears its adapter's state: the adapter is re-initialised)."
+        },
+    )
+    reference: str = field(
+        default="theta0",
+        metadata={
+            "help": "Step mode, KL reference (beta > 0): theta0 keeps it at the original model (full "
+            "fine-tuning only), merged moves it to G at each merge (what LoRA does by itself)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_dataclass(self)  # types and ranges first: later checks compare and index
@@ -158,7 +180,15 @@ class IMMConfig:
         check_density_applies(self.merge_method, self.density)
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: choose one")
-        if isinstance(self.merge_ratio, list) and len(self.merge_ratio) != self.iterations:
+        from imm_trl.step_mode import check_step_mode_fields
+
+        check_step_mode_fields(self)
+        # Step mode has one schedule entry per merge, checked when the run's length is known.
+        if (
+            isinstance(self.merge_ratio, list)
+            and len(self.merge_ratio) != self.iterations
+            and self.merge_every_steps is None
+        ):
             raise ValueError(
                 f"merge_ratio schedule has {len(self.merge_ratio)} entries for {self.iterations} "
                 "iterations; give exactly one per iteration"
