@@ -1,0 +1,228 @@
+"""Step mode (`IMMConfig(merge_every_steps=N)`): IMM inside real TRL GRPO, RLOO and SFT runs on
+the tiny model, checked against weights captured independently right before and after each
+merge."""
+
+import copy
+import json
+import logging
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer
+
+from imm_trl import IMMCallback, IMMConfig
+from imm_trl.models import tiny_model
+from imm_trl.step_mode import STEP_DIR, STEP_METRICS_FILE, THETA0_FILE
+
+PROMPTS = Dataset.from_list(
+    [{"prompt": [{"role": "user", "content": f"What is {a} + {a + 1}?"}]} for a in range(8)]
+)
+SFT_ROWS = Dataset.from_list(
+    [
+        {
+            "prompt": [{"role": "user", "content": f"What is {a} + {a + 1}?"}],
+            "completion": [{"role": "assistant", "content": str(2 * a + 1)}],
+        }
+        for a in range(8)
+    ]
+)
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+
+
+def length_reward(completions, **columns):
+    """Longer completions score higher: varied rewards, so GRPO's advantages are not all zero."""
+    return [len(completion[0]["content"]) / 10 for completion in completions]
+
+
+def effective_weights(model) -> dict[str, torch.Tensor]:
+    """The weights the model computes with, by HF name: for LoRA the base plus the adapter delta
+    of every targeted weight (other weights never change)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not hasattr(model, "peft_config"):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {
+        name.removeprefix("base_model.model.") + ".weight": (
+            module.get_base_layer().weight.detach() + module.get_delta_weight("default")
+        ).clone()
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+
+
+def assert_weights_equal(actual, expected, atol=0.0):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=atol, msg=name)
+
+
+class Snapshots(TrainerCallback):
+    """The model's effective weights and optimizer-state size at every step end. Added before
+    `IMMCallback` it sees theta right before a merge; added after it, G right after."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.weights, self.optimizer_states = {}, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.weights[state.global_step] = effective_weights(self.trainer.model)
+        trainable = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        self.optimizer_states[state.global_step] = sum(p in self.trainer.optimizer.state for p in trainable)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.weights["end"] = effective_weights(self.trainer.model)
+
+
+class StopAt(TrainerCallback):
+    """Stop training after step `step` (a run interrupted right after a checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def grpo_trainer(output_dir, peft=False, model_dir=None, trainer_class=GRPOTrainer, **overrides):
+    """A GRPO (or RLOO) script as a user writes it: HF generation, a reward function."""
+    if model_dir is not None:  # a reference model (beta > 0, full FT) is loaded from the path
+        from transformers import AutoModelForCausalLM
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), tiny_model(seed=0)[1]
+    else:
+        model, tokenizer = tiny_model(seed=0)
+    config_class = GRPOConfig if trainer_class is GRPOTrainer else RLOOConfig
+    values = dict(
+        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=5,
+        per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+        gradient_checkpointing=False, seed=0, beta=0.0,
+    )
+    values.update(overrides)
+    return trainer_class(
+        model=model, reward_funcs=length_reward, args=config_class(**values), train_dataset=PROMPTS,
+        processing_class=tokenizer, peft_config=LoraConfig(**LORA) if peft else None,
+    )
+
+
+def sft_trainer(output_dir, peft=False, **overrides):
+    model, tokenizer = tiny_model(seed=0)
+    values = dict(
+        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=5,
+        per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none",
+        save_strategy="no", gradient_checkpointing=False, max_length=64, seed=0,
+    )
+    values.update(overrides)
+    return SFTTrainer(
+        model=model, args=SFTConfig(**values), train_dataset=SFT_ROWS, processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA) if peft else None,
+    )
+
+
+def run_step_mode(trainer, extra_callbacks=(), **imm):
+    """Add IMM between a before- and an after-merge snapshot recorder, train; returns
+    (theta0, before, after, callback)."""
+    theta0 = effective_weights(trainer.model)
+    before, after = Snapshots(trainer), Snapshots(trainer)
+    for callback in extra_callbacks:
+        trainer.add_callback(callback)
+    trainer.add_callback(before)
+    callback = IMMCallback(trainer, IMMConfig(**{"merge_method": "linear", **imm}))
+    trainer.add_callback(callback)  # the line a user adds
+    trainer.add_callback(after)
+    trainer.train()
+    return theta0, before, after, callback
+
+
+def expected_merge(theta0, theta, ratio):
+    return {n: theta0[n] + ratio * (theta[n] - theta0[n]) for n in theta0}
+
+
+def check_merges(theta0, before, after, steps, ratios, atol=1e-6):
+    """Each merge gave theta0 + ratio * (theta right before it - theta0), and training moved theta."""
+    for step, ratio in zip(steps, ratios, strict=True):
+        assert_weights_equal(after.weights[step], expected_merge(theta0, before.weights[step], ratio), atol)
+        assert any(not torch.equal(before.weights[step][n], theta0[n]) for n in theta0), "nothing trained"
+
+
+# -- GRPO ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_grpo_ratio_zero_ends_exactly_at_theta0(tmp_path, peft):
+    trainer = grpo_trainer(tmp_path, peft=peft)
+    theta0, before, _, imm = run_step_mode(trainer, merge_every_steps=2, merge_ratio=0.0)
+    assert imm.step_merging.merge_count == 3  # steps 2, 4 and the final one at 5
+    assert_weights_equal(effective_weights(trainer.model), theta0)
+    assert any(not torch.equal(before.weights[5][n], theta0[n]) for n in theta0)
+
+
+def test_grpo_full_ratio_one_linear_matches_plain_grpo_bit_for_bit(tmp_path):
+    plain = grpo_trainer(tmp_path / "plain")
+    plain.train()
+    trainer = grpo_trainer(tmp_path / "imm")
+    run_step_mode(trainer, merge_every_steps=2, merge_ratio=1.0)
+    assert_weights_equal(effective_weights(trainer.model), effective_weights(plain.model))
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_grpo_half_ratio_at_every_merge(tmp_path, peft):
+    # LoRA with beta > 0: TRL's KL reference is the adapter-disabled model, i.e. G after a merge.
+    extra = dict(beta=0.05) if peft else {}
+    trainer = grpo_trainer(tmp_path, peft=peft, **extra)
+    imm_extra = dict(reference="merged") if peft else {}
+    theta0, before, after, imm = run_step_mode(
+        trainer, merge_every_steps=2, merge_ratio=0.5, **imm_extra
+    )
+    check_merges(theta0, before, after, steps=[2, 4], ratios=[0.5, 0.5])
+    assert_weights_equal(after.weights["end"], expected_merge(theta0, before.weights["end"], 0.5), 1e-6)
+
+    if peft:  # adapter re-initialised (B = 0) and its optimizer state cleared at each merge
+        for step in (2, 4):
+            assert after.optimizer_states[step] == 0 < before.optimizer_states[step]
+        model = trainer.model
+        assert all(p.abs().max() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+        with model.disable_adapter():  # the KL reference: the merged base G, not theta0
+            reference = effective_weights(model)
+        assert_weights_equal(reference, after.weights["end"])
+        assert any(not torch.equal(reference[n], theta0[n]) for n in theta0)
+    else:  # full fine-tuning keeps the optimizer state by default
+        assert after.optimizer_states[2] == before.optimizer_states[2] > 0
+
+    # Metrics: one row per merge, through the trainer's loggers and in the JSON file.
+    rows = json.loads((tmp_path / "imm" / STEP_METRICS_FILE).read_text())
+    assert [(r["merge"], r["step"], r["final"]) for r in rows] == [(1, 2, False), (2, 4, False), (3, 5, True)]
+    for row in rows:
+        assert math.isclose(row["l2_to_theta0_after"], 0.5 * row["l2_to_theta0_before"], rel_tol=1e-4)
+        assert row["reward_before"] is not None
+    rewards = {e["step"]: e["reward"] for e in trainer.state.log_history if "reward" in e}
+    assert [(r["reward_before"], r["reward_after"]) for r in rows[:2]] == [
+        (rewards[2], rewards[3]), (rewards[4], rewards[5])
+    ]
+    logged = [e for e in trainer.state.log_history if "imm/l2_to_theta0_after" in e]
+    assert [e["imm/merge"] for e in logged] == [1, 2, 3]
+    assert len([e for e in trainer.state.log_history if "imm/reward_after_merge" in e]) == 2
+    assert len(rewards) == 5, "an IMM log must not swallow the trainer's own log of that step"
+
+
+def test_grpo_schedule_is_indexed_by_merge_count_and_optimizer_reset_is_optional(tmp_path):
+    trainer = grpo_trainer(tmp_path)
+    ratios = [0.25, 0.0, 0.75]
+    theta0, before, after, imm = run_step_mode(
+        trainer, merge_every_steps=2, merge_ratio=ratios, reset_optimizer_on_merge=True
+    )
+    check_merges(theta0, before, after, steps=[2, 4, "end"], ratios=ratios)
+    assert imm.step_merging.merge_count == 3
+    assert after.optimizer_states[2] == 0 < before.optimizer_states[2]
+
+
+def test_grpo_schedule_shorter_than_the_merges_fails_before_training(tmp_path):
+    trainer = grpo_trainer(tmp_path)
+    with pytest.raises(ValueError, match="schedule has 2 entries but this run merges 3 times"):
+        run_step_mode(trainer, merge_every_steps=2, merge_ratio=[0.5, 0.5])
+    assert trainer.state.global_step == 0
