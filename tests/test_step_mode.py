@@ -303,3 +303,47 @@ def test_grpo_vllm_sync_marker_forces_a_reload_after_every_merge(tmp_path):
     # During training, the first generation after merge 1 (step 2) used G_1.
     step, weights = next(g for g in engine.generations if g[0] == 2)
     assert_weights_equal(weights, after.weights[2])
+
+
+# -- resume --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_grpo_resume_from_a_trainer_checkpoint_matches_an_uninterrupted_run(tmp_path, peft):
+    settings = dict(merge_every_steps=2, merge_ratio=[0.5, 0.25, 0.75])
+    checkpoints = dict(save_strategy="steps", save_steps=3)
+    whole = grpo_trainer(tmp_path / "whole", peft=peft, **checkpoints)
+    run_step_mode(whole, **settings)
+
+    # Interrupted right after checkpoint-3 (merge 1 done at step 2), then resumed in a new script.
+    interrupted = grpo_trainer(tmp_path / "resumed", peft=peft, **checkpoints)
+    run_step_mode(interrupted, extra_callbacks=[StopAt(3)], **settings)
+    saved = tmp_path / "resumed" / "checkpoint-3" / STEP_DIR
+    assert json.loads((saved / "state.json").read_text())["merge_count"] == 1
+    assert (saved / THETA0_FILE).stat().st_nlink == 2  # hard-linked: no extra copy per checkpoint
+    resumed = grpo_trainer(tmp_path / "resumed", peft=peft, **checkpoints)
+    theta0 = effective_weights(resumed.model)
+    before, after = Snapshots(resumed), Snapshots(resumed)
+    resumed.add_callback(before)
+    imm = IMMCallback(resumed, IMMConfig(merge_method="linear", **settings))
+    resumed.add_callback(imm)
+    resumed.add_callback(after)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+
+    assert imm.step_merging.merge_count == 3
+    check_merges(theta0, before, after, steps=[4, "end"], ratios=[0.25, 0.75])
+    assert_weights_equal(effective_weights(resumed.model), effective_weights(whole.model))
+    rows = [json.loads((tmp_path / d / "imm" / STEP_METRICS_FILE).read_text()) for d in ("whole", "resumed")]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows[1]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in rows[0]
+    ]
+
+
+def test_resume_refuses_other_step_mode_settings(tmp_path):
+    interrupted = sft_trainer(tmp_path, save_strategy="steps", save_steps=2)
+    run_step_mode(interrupted, extra_callbacks=[StopAt(2)], merge_every_steps=2, merge_ratio=0.5)
+    resumed = sft_trainer(tmp_path, save_strategy="steps", save_steps=2)
+    resumed.add_callback(IMMCallback(resumed, IMMConfig(merge_every_steps=2, merge_ratio=0.3, merge_method="linear")))
+    with pytest.raises(ValueError, match=r"merge_ratio: 0.5 -> 0.3"):
+        resumed.train(resume_from_checkpoint=True)
