@@ -347,3 +347,147 @@ def test_resume_refuses_other_step_mode_settings(tmp_path):
     resumed.add_callback(IMMCallback(resumed, IMMConfig(merge_every_steps=2, merge_ratio=0.3, merge_method="linear")))
     with pytest.raises(ValueError, match=r"merge_ratio: 0.5 -> 0.3"):
         resumed.train(resume_from_checkpoint=True)
+
+
+# -- the KL reference (beta > 0) -----------------------------------------------------------
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """The tiny model saved to a directory: TRL loads a full-FT reference model from the path."""
+    model, _ = tiny_model(seed=0)
+    model.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.mark.parametrize("reference", ["theta0", "merged"])
+def test_grpo_full_reference_stays_at_theta0_or_moves_to_g(tmp_path, model_dir, reference):
+    trainer = grpo_trainer(tmp_path, model_dir=model_dir, beta=0.05, max_steps=3)
+    theta0, _, after, _ = run_step_mode(
+        trainer, merge_every_steps=2, merge_ratio=0.5, reference=reference
+    )
+    final_reference = effective_weights(trainer.ref_model)
+    if reference == "theta0":
+        assert_weights_equal(final_reference, theta0)
+    else:
+        assert_weights_equal(final_reference, after.weights["end"])
+        assert any(not torch.equal(final_reference[n], theta0[n]) for n in theta0)
+
+
+def test_lora_with_a_kl_term_refuses_a_theta0_reference(tmp_path):
+    trainer = grpo_trainer(tmp_path, peft=True, beta=0.05)
+    with pytest.raises(ValueError, match=r"reference='merged'.*or beta=0.0"):
+        IMMCallback(trainer, IMMConfig(merge_every_steps=2, merge_ratio=0.5))
+
+
+def test_sync_ref_model_is_refused(tmp_path, model_dir):
+    trainer = grpo_trainer(tmp_path, model_dir=model_dir, beta=0.05, sync_ref_model=True)
+    with pytest.raises(ValueError, match="set sync_ref_model=False"):
+        IMMCallback(trainer, IMMConfig(merge_every_steps=2, merge_ratio=0.5, reference="merged"))
+
+
+# -- SFT and RLOO --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_sft_follows_the_schedule_and_ends_at_theta0_with_ratio_zero(tmp_path, peft):
+    trainer = sft_trainer(tmp_path, peft=peft)
+    ratios = [0.5, 0.25, 0.0]
+    theta0, before, after, imm = run_step_mode(trainer, merge_every_steps=2, merge_ratio=ratios)
+    check_merges(theta0, before, after, steps=[2, 4, "end"], ratios=ratios)
+    assert_weights_equal(effective_weights(trainer.model), theta0)
+    rows = json.loads((tmp_path / "imm" / STEP_METRICS_FILE).read_text())
+    assert [r["merge"] for r in rows] == [1, 2, 3] and all(r["reward_before"] is None for r in rows)
+
+
+def test_sft_full_ratio_one_linear_matches_plain_sft_bit_for_bit(tmp_path):
+    plain = sft_trainer(tmp_path / "plain")
+    plain.train()
+    trainer = sft_trainer(tmp_path / "imm")
+    run_step_mode(trainer, merge_every_steps=2, merge_ratio=1.0)
+    assert_weights_equal(effective_weights(trainer.model), effective_weights(plain.model))
+
+
+def test_rloo_ratio_zero_ends_exactly_at_theta0(tmp_path):
+    trainer = grpo_trainer(tmp_path, trainer_class=RLOOTrainer, max_steps=3)
+    theta0, before, after, imm = run_step_mode(trainer, merge_every_steps=2, merge_ratio=0.0)
+    assert imm.step_merging.merge_count == 2
+    assert_weights_equal(after.weights[2], theta0)
+    assert_weights_equal(effective_weights(trainer.model), theta0)
+    assert any(not torch.equal(before.weights["end"][n], theta0[n]) for n in theta0)
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_step_mode_refuses_an_unsupported_trainer(tmp_path):
+    model, _ = tiny_model(seed=0)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    with pytest.raises(TypeError, match="supports SFTTrainer, GRPOTrainer, RLOOTrainer"):
+        IMMCallback(trainer, IMMConfig(merge_every_steps=2))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(merge_every_steps=0), "merge_every_steps must be >= 1"),
+        (dict(merge_every_steps=2, questions=[{"question": "q", "answer": "1"}]), "questions applies only to iteration mode"),
+        (dict(merge_every_steps=2, samples_per_question=8), "samples_per_question applies only to iteration mode"),
+        (dict(merge_every_steps=2, resume=True), "resume_from_checkpoint"),
+        (dict(merge_every_steps=2, reference="G"), "reference must be one of theta0, merged"),
+        (dict(reset_optimizer_on_merge=True), "set merge_every_steps=N"),
+    ],
+)
+def test_step_mode_config_errors_name_the_fix(values, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        IMMConfig(**values)
+
+
+def test_merge_every_steps_beyond_the_run_warns_and_merges_once_at_the_end(tmp_path, caplog):
+    trainer = sft_trainer(tmp_path, max_steps=3)
+    with caplog.at_level(logging.WARNING, logger="imm_trl.step_mode"):
+        theta0, before, after, imm = run_step_mode(trainer, merge_every_steps=10, merge_ratio=0.5)
+    assert "exceeds the run's 3 steps" in caplog.text
+    assert [r["step"] for r in imm.step_merging.history] == [3]
+    check_merges(theta0, before, after, steps=["end"], ratios=[0.5])
+
+
+class Corrupt(TrainerCallback):
+    """Make one trained weight non-finite at step `step`, before IMM's merge sees it."""
+
+    def __init__(self, trainer, step, value):
+        self.trainer, self.step, self.value = trainer, step, value
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                self.trainer.model.model.layers[0].mlp.up_proj.weight[0, 0] = self.value
+
+
+@pytest.mark.parametrize(
+    "imm, corrupt, match",
+    [
+        (dict(merge_ratio=0.5), float("nan"), "trained weights hold NaN/Inf.*nothing was merged"),
+        (dict(merge_ratio=1e300), None, "overflowed to NaN/Inf.*restored to theta"),
+    ],
+    ids=["nan-theta", "overflowing-ratio"],
+)
+def test_a_non_finite_merge_raises_and_leaves_theta_in_place(tmp_path, imm, corrupt, match):
+    trainer = sft_trainer(tmp_path)
+    extra = [Corrupt(trainer, 2, corrupt)] if corrupt is not None else []
+    before = Snapshots(trainer)
+    with pytest.raises(FloatingPointError, match=match):
+        run_step_mode(trainer, extra_callbacks=[*extra, before], merge_every_steps=2, **imm)
+    current = effective_weights(trainer.model)
+    for name, weight in before.weights[2].items():
+        torch.testing.assert_close(current[name], weight, rtol=0, atol=0, equal_nan=True, msg=name)
+    imm_callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, IMMCallback))
+    assert imm_callback.step_merging.merge_count == 0
+
+
+def test_non_finite_theta0_fails_before_training(tmp_path):
+    trainer = sft_trainer(tmp_path)
+    with torch.no_grad():
+        trainer.model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="theta0 already holds NaN/Inf"):
+        IMMCallback(trainer, IMMConfig(merge_every_steps=2))
