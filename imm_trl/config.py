@@ -154,9 +154,9 @@ class IMMConfig:
     merge_every_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Step mode: merge back into theta0 every this-many optimizer steps of the trainer's "
-            "own run (SFT, GRPO, RLOO), and once more at the end; no sampling, no iterations. "
-            "merge_ratio schedules are indexed by merge count. None = iteration mode."
+            "help": "Step mode: merge back into theta0 every this-many optimizer steps of "
+            "the trainer's own run (SFT, GRPO, RLOO), and once more at the end; no sampling, no "
+            "iterations. merge_ratio schedules are indexed by merge count. None = iteration mode."
         },
     )
     reset_optimizer_on_merge: bool = field(
@@ -169,8 +169,8 @@ class IMMConfig:
     reference: str = field(
         default="theta0",
         metadata={
-            "help": "Step mode, KL reference (beta > 0): theta0 keeps it at the original model (full "
-            "fine-tuning only), merged moves it to G at each merge (what LoRA does by itself)."
+            "help": "Step mode, KL reference (beta > 0): theta0 keeps it at the original model "
+            "(full fine-tuning only), merged moves it to G at each merge (what LoRA does by itself)."
         },
     )
 

@@ -71,7 +71,9 @@ class Snapshots(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.weights[state.global_step] = effective_weights(self.trainer.model)
         trainable = [p for p in self.trainer.model.parameters() if p.requires_grad]
-        self.optimizer_states[state.global_step] = sum(p in self.trainer.optimizer.state for p in trainable)
+        self.optimizer_states[state.global_step] = sum(
+            p in self.trainer.optimizer.state for p in trainable
+        )
 
     def on_train_end(self, args, state, control, **kwargs):
         self.weights["end"] = effective_weights(self.trainer.model)
@@ -89,7 +91,12 @@ class StopAt(TrainerCallback):
 
 
 def grpo_trainer(
-    output_dir, peft=False, model_dir=None, trainer_class=GRPOTrainer, eval_dataset=None, **overrides
+    output_dir,
+    peft=False,
+    model_dir=None,
+    trainer_class=GRPOTrainer,
+    eval_dataset=None,
+    **overrides,
 ):
     """A GRPO (or RLOO) script as a user writes it: HF generation, a reward function."""
     if model_dir is not None:  # a reference model (beta > 0, full FT) is loaded from the path
@@ -100,28 +107,55 @@ def grpo_trainer(
         model, tokenizer = tiny_model(seed=0)
     config_class = GRPOConfig if trainer_class is GRPOTrainer else RLOOConfig
     values = dict(
-        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=5,
-        per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
-        learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
-        gradient_checkpointing=False, seed=0, beta=0.0,
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        max_steps=5,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        beta=0.0,
     )
     values.update(overrides)
     return trainer_class(
-        model=model, reward_funcs=length_reward, args=config_class(**values), train_dataset=PROMPTS,
-        eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=LoraConfig(**LORA) if peft else None,
+        model=model,
+        reward_funcs=length_reward,
+        args=config_class(**values),
+        train_dataset=PROMPTS,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA) if peft else None,
     )
 
 
 def sft_trainer(output_dir, peft=False, **overrides):
     model, tokenizer = tiny_model(seed=0)
     values = dict(
-        output_dir=str(output_dir), use_cpu=True, bf16=False, max_steps=5,
-        per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, report_to="none",
-        save_strategy="no", gradient_checkpointing=False, max_length=64, seed=0,
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        max_length=64,
+        seed=0,
     )
     values.update(overrides)
     return SFTTrainer(
-        model=model, args=SFTConfig(**values), train_dataset=SFT_ROWS, processing_class=tokenizer,
+        model=model,
+        args=SFTConfig(**values),
+        train_dataset=SFT_ROWS,
+        processing_class=tokenizer,
         peft_config=LoraConfig(**LORA) if peft else None,
     )
 
@@ -148,8 +182,12 @@ def expected_merge(theta0, theta, ratio):
 def check_merges(theta0, before, after, steps, ratios, atol=1e-6):
     """Each merge gave theta0 + ratio * (theta right before it - theta0), and training moved theta."""
     for step, ratio in zip(steps, ratios, strict=True):
-        assert_weights_equal(after.weights[step], expected_merge(theta0, before.weights[step], ratio), atol)
-        assert any(not torch.equal(before.weights[step][n], theta0[n]) for n in theta0), "nothing trained"
+        assert_weights_equal(
+            after.weights[step], expected_merge(theta0, before.weights[step], ratio), atol
+        )
+        assert any(not torch.equal(before.weights[step][n], theta0[n]) for n in theta0), (
+            "nothing trained"
+        )
 
 
 # -- GRPO ----------------------------------------------------------------------------------
@@ -182,7 +220,9 @@ def test_grpo_half_ratio_at_every_merge(tmp_path, peft):
         trainer, merge_every_steps=2, merge_ratio=0.5, **imm_extra
     )
     check_merges(theta0, before, after, steps=[2, 4], ratios=[0.5, 0.5])
-    assert_weights_equal(after.weights["end"], expected_merge(theta0, before.weights["end"], 0.5), 1e-6)
+    assert_weights_equal(
+        after.weights["end"], expected_merge(theta0, before.weights["end"], 0.5), 1e-6
+    )
 
     if peft:  # adapter re-initialised (B = 0) and its optimizer state cleared at each merge
         for step in (2, 4):
@@ -198,13 +238,20 @@ def test_grpo_half_ratio_at_every_merge(tmp_path, peft):
 
     # Metrics: one row per merge, through the trainer's loggers and in the JSON file.
     rows = json.loads((tmp_path / "imm" / STEP_METRICS_FILE).read_text())
-    assert [(r["merge"], r["step"], r["final"]) for r in rows] == [(1, 2, False), (2, 4, False), (3, 5, True)]
+    assert [(r["merge"], r["step"], r["final"]) for r in rows] == [
+        (1, 2, False),
+        (2, 4, False),
+        (3, 5, True),
+    ]
     for row in rows:
-        assert math.isclose(row["l2_to_theta0_after"], 0.5 * row["l2_to_theta0_before"], rel_tol=1e-4)
+        assert math.isclose(
+            row["l2_to_theta0_after"], 0.5 * row["l2_to_theta0_before"], rel_tol=1e-4
+        )
         assert row["reward_before"] is not None
     rewards = {e["step"]: e["reward"] for e in trainer.state.log_history if "reward" in e}
     assert [(r["reward_before"], r["reward_after"]) for r in rows[:2]] == [
-        (rewards[2], rewards[3]), (rewards[4], rewards[5])
+        (rewards[2], rewards[3]),
+        (rewards[4], rewards[5]),
     ]
     logged = [e for e in trainer.state.log_history if "imm/l2_to_theta0_after" in e]
     assert [e["imm/merge"] for e in logged] == [1, 2, 3]
@@ -271,11 +318,16 @@ class FakeVLLMGeneration:
         completions = []
         for ids in prompts:
             output = self.engine.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=self.trainer.max_completion_length, do_sample=True, pad_token_id=eos,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=self.trainer.max_completion_length,
+                do_sample=True,
+                pad_token_id=eos,
             )
-            completion = output[0, len(ids):].tolist()
-            completions.append(completion[: completion.index(eos) + 1] if eos in completion else completion)
+            completion = output[0, len(ids) :].tolist()
+            completions.append(
+                completion[: completion.index(eos) + 1] if eos in completion else completion
+            )
         logprobs = [[[0.0] for _ in completion] for completion in completions]
         return prompts, completions, logprobs, None
 
@@ -284,7 +336,11 @@ def test_grpo_vllm_sync_marker_forces_a_reload_after_every_merge(tmp_path):
     """TRL reloads vLLM's weights when `_last_loaded_step != global_step`. After the final merge
     the step does not move; an evaluation at that step must still reload."""
     trainer = grpo_trainer(
-        tmp_path, max_steps=3, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4,
+        tmp_path,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=3,
+        per_device_eval_batch_size=4,
         eval_dataset=PROMPTS.select(range(2)),
     )
     engine = FakeVLLMGeneration(trainer)
@@ -333,7 +389,10 @@ def test_grpo_resume_from_a_trainer_checkpoint_matches_an_uninterrupted_run(tmp_
     assert imm.step_merging.merge_count == 3
     check_merges(theta0, before, after, steps=[4, "end"], ratios=[0.25, 0.75])
     assert_weights_equal(effective_weights(resumed.model), effective_weights(whole.model))
-    rows = [json.loads((tmp_path / d / "imm" / STEP_METRICS_FILE).read_text()) for d in ("whole", "resumed")]
+    rows = [
+        json.loads((tmp_path / d / "imm" / STEP_METRICS_FILE).read_text())
+        for d in ("whole", "resumed")
+    ]
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows[1]] == [
         {k: v for k, v in r.items() if k not in drop} for r in rows[0]
@@ -344,7 +403,9 @@ def test_resume_refuses_other_step_mode_settings(tmp_path):
     interrupted = sft_trainer(tmp_path, save_strategy="steps", save_steps=2)
     run_step_mode(interrupted, extra_callbacks=[StopAt(2)], merge_every_steps=2, merge_ratio=0.5)
     resumed = sft_trainer(tmp_path, save_strategy="steps", save_steps=2)
-    resumed.add_callback(IMMCallback(resumed, IMMConfig(merge_every_steps=2, merge_ratio=0.3, merge_method="linear")))
+    resumed.add_callback(
+        IMMCallback(resumed, IMMConfig(merge_every_steps=2, merge_ratio=0.3, merge_method="linear"))
+    )
     with pytest.raises(ValueError, match=r"merge_ratio: 0.5 -> 0.3"):
         resumed.train(resume_from_checkpoint=True)
 
@@ -422,7 +483,10 @@ def test_rloo_ratio_zero_ends_exactly_at_theta0(tmp_path):
 
 def test_step_mode_refuses_an_unsupported_trainer(tmp_path):
     model, _ = tiny_model(seed=0)
-    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+    )
     with pytest.raises(TypeError, match="supports SFTTrainer, GRPOTrainer, RLOOTrainer"):
         IMMCallback(trainer, IMMConfig(merge_every_steps=2))
 
@@ -431,8 +495,14 @@ def test_step_mode_refuses_an_unsupported_trainer(tmp_path):
     "values, message",
     [
         (dict(merge_every_steps=0), "merge_every_steps must be >= 1"),
-        (dict(merge_every_steps=2, questions=[{"question": "q", "answer": "1"}]), "questions applies only to iteration mode"),
-        (dict(merge_every_steps=2, samples_per_question=8), "samples_per_question applies only to iteration mode"),
+        (
+            dict(merge_every_steps=2, questions=[{"question": "q", "answer": "1"}]),
+            "questions applies only to iteration mode",
+        ),
+        (
+            dict(merge_every_steps=2, samples_per_question=8),
+            "samples_per_question applies only to iteration mode",
+        ),
         (dict(merge_every_steps=2, resume=True), "resume_from_checkpoint"),
         (dict(merge_every_steps=2, reference="G"), "reference must be one of theta0, merged"),
         (dict(reset_optimizer_on_merge=True), "set merge_every_steps=N"),

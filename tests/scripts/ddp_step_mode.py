@@ -51,17 +51,39 @@ class AfterMerges(TrainerCallback):
 def main(out_dir: Path, peft: bool) -> None:
     model, tokenizer = tiny_model(seed=0)
     args = GRPOConfig(
-        output_dir=str(out_dir), use_cpu=True, bf16=False, max_steps=3, per_device_train_batch_size=4,
-        num_generations=4, max_completion_length=8, learning_rate=1e-2, logging_steps=1,
-        report_to="none", save_strategy="no", gradient_checkpointing=False, seed=0, beta=0.0,
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        beta=0.0,
     )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0
+    )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_list(PROMPTS),
-        processing_class=tokenizer, peft_config=lora if peft else None,
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=tokenizer,
+        peft_config=lora if peft else None,
     )
     theta0 = digests(trainer.model)
-    imm = IMMCallback(trainer, IMMConfig(merge_every_steps=2, merge_method="dare_linear", merge_ratio=0.5, density=0.8, seed=3))
+    imm = IMMCallback(
+        trainer,
+        IMMConfig(
+            merge_every_steps=2, merge_method="dare_linear", merge_ratio=0.5, density=0.8, seed=3
+        ),
+    )
     trainer.add_callback(imm)
     after = AfterMerges(trainer, imm)
     trainer.add_callback(after)
@@ -71,7 +93,9 @@ def main(out_dir: Path, peft: bool) -> None:
     report = {
         "world_size": trainer.accelerator.num_processes,
         "merges": after.seen,
-        "changed_by_training": sorted(n for n in final if "lora_" not in n and final[n] != theta0[n]),
+        "changed_by_training": sorted(
+            n for n in final if "lora_" not in n and final[n] != theta0[n]
+        ),
     }
     (out_dir / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(report))
 
