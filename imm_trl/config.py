@@ -170,7 +170,7 @@ class IMMConfig:
         default="theta0",
         metadata={
             "help": "Step mode, KL reference (beta > 0): theta0 keeps it at the original model "
-            "(full fine-tuning only), merged moves it to G at each merge (what LoRA does by itself)."
+            "(full fine-tuning only), merged moves it to G at each merge (as LoRA does by itself)."
         },
     )
 
