@@ -29,7 +29,6 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,6 @@ from imm_trl.distributed import whole_parameters
 from imm_trl.files import remove_stale_staging, write_json_atomically
 from imm_trl.fingerprint import differences, run_fingerprint
 from imm_trl.merging import FullWeightMerger, LoraMerger
-from imm_trl.merging.config import expand_depth_rules
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +125,23 @@ class IMMCallback(TrainerCallback):
         sampler: Any `Sampler`; default the backend `config.sampler` names, over the trainer's
             model (HF `generate`) or over a vLLM engine started from the model's weights.
 
+    With `config.merge_every_steps` set (step mode), it merges inside the trainer's own SFT,
+    GRPO or RLOO run instead, every N steps (`imm_trl.step_mode`); `sampler` is not used.
+
     The output directory is checked before any engine starts: a fresh run refuses a directory
     holding another run (unless `overwrite`), and a resume refuses checkpoints whose fingerprint
     differs from this run's, naming each differing field (`imm_trl.fingerprint`).
     """
 
+    step_merging = None  # step mode's engine (`imm_trl.step_mode`), when merge_every_steps is set
+
     def __init__(self, trainer, config: IMMConfig, sampler=None):
+        if config.merge_every_steps is not None:  # step mode: merge inside the trainer's own run
+            from imm_trl.step_mode import StepMerging
+
+            self.trainer, self.config = trainer, config
+            self.step_merging = StepMerging(trainer, config)
+            return
         if config.questions is None:
             raise ValueError("IMMConfig.questions is not set (None); give the in-domain training questions")
         if config.epochs_per_iteration is not None and trainer.args.max_steps > 0:
@@ -153,8 +162,7 @@ class IMMCallback(TrainerCallback):
         self.retain_reference: list[str] | None = None
         model = trainer.model
         unpack_cpu_4bit_weights(model)  # theta0 must be read from plain 4-bit weights
-        names = [name for name, _ in model.named_parameters()]
-        merge_config = replace(config.merge_config, ratio=expand_depth_rules(config.merge_config.ratio, names))
+        merge_config = config.merge_config_for(model)
         self.ratio_candidates = merge_config.ratio if config.auto_ratio else None
         with whole_parameters(model):
             if is_peft_model(model):
@@ -190,17 +198,31 @@ class IMMCallback(TrainerCallback):
 
     # -- callback events -------------------------------------------------------------------
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.step_merging is not None:
+            self.step_merging.on_train_begin(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.step_merging is not None:
+            self.step_merging.on_train_end(args, state, control, **kwargs)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.step_merging is not None:
+            return self.step_merging.on_log(args, state, control, logs=logs, **kwargs)
         if logs and "loss" in logs:
             self._train_losses.append(float(logs["loss"]))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.step_merging is not None:
+            return self.step_merging.on_step_end(args, state, control, **kwargs)
         # A trainer checkpoint at the last step of each iteration's SFT (when the user saves at
         # all), so that a crash in the merge, checkpoint write or eval does not redo training.
         if args.save_strategy != "no" and state.global_step >= state.max_steps:
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
+        if self.step_merging is not None:
+            return self.step_merging.on_save(args, state, control, **kwargs)
         logger.info(
             "iteration %d/%d: trainer checkpoint (step %d)", self._iteration, self.config.iterations, state.global_step
         )

@@ -14,7 +14,7 @@ from imm_trl.adaptive import (
     validation_count,
 )
 from imm_trl.merging import MergeConfig
-from imm_trl.merging.config import check_density_applies, default_density
+from imm_trl.merging.config import check_density_applies, default_density, expand_depth_rules
 from imm_trl.rejection import RejectionSamplingConfig, check_questions
 from imm_trl.sampling import SamplingParams
 from imm_trl.validation import check_choice, check_dataclass, check_values, check_writable_dir
@@ -236,6 +236,28 @@ class IMMConfig:
         default=None,
         metadata={"help": "anchor='ema': A_{t+1} = decay*A_t + (1-decay)*G_t, decay in [0, 1)."},
     )
+    merge_every_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Step mode: merge back into theta0 every this-many optimizer steps of "
+            "the trainer's own run (SFT, GRPO, RLOO), and once more at the end; no sampling, no "
+            "iterations. merge_ratio schedules are indexed by merge count. None = iteration mode."
+        },
+    )
+    reset_optimizer_on_merge: bool = field(
+        default=False,
+        metadata={
+            "help": "Step mode, full fine-tuning: clear the optimizer state after each merge (LoRA "
+            "always clears its adapter's state: the adapter is re-initialised)."
+        },
+    )
+    reference: str = field(
+        default="theta0",
+        metadata={
+            "help": "Step mode, KL reference (beta > 0): theta0 keeps it at the original model "
+            "(full fine-tuning only), merged moves it to G at each merge (as LoRA does by itself)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_dataclass(self)  # types and ranges first: later checks compare and index
@@ -243,7 +265,15 @@ class IMMConfig:
         check_density_applies(self.merge_method, self.density)
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: choose one")
-        if isinstance(self.merge_ratio, list) and len(self.merge_ratio) != self.iterations:
+        from imm_trl.step_mode import check_step_mode_fields
+
+        check_step_mode_fields(self)
+        # Step mode has one schedule entry per merge, checked when the run's length is known.
+        if (
+            isinstance(self.merge_ratio, list)
+            and len(self.merge_ratio) != self.iterations
+            and self.merge_every_steps is None
+        ):
             raise ValueError(
                 f"merge_ratio schedule has {len(self.merge_ratio)} entries for {self.iterations} "
                 "iterations; give exactly one per iteration"
@@ -305,6 +335,12 @@ class IMMConfig:
             method=self.merge_method, ratio=self.ratio_candidates if self.auto_ratio else self.merge_ratio,
             density=density, seed=self.seed,
         )
+
+    def merge_config_for(self, model) -> MergeConfig:
+        """`merge_config` with depth rules expanded over `model`'s decoder layers."""
+        config = self.merge_config
+        names = [name for name, _ in model.named_parameters()]
+        return replace(config, ratio=expand_depth_rules(config.ratio, names))
 
     @property
     def auto_ratio(self) -> bool:

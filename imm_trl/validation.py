@@ -52,6 +52,7 @@ RANGES: dict[str, Interval] = {
     "max_new_tokens": POSITIVE_INT,
     "eval_samples": POSITIVE_INT,
     "save_total_limit": POSITIVE_INT,
+    "merge_every_steps": POSITIVE_INT,
     "n_train": POSITIVE_INT,
     "n_eval": POSITIVE_INT,
     "epochs_per_iteration": Interval(0, low_open=True),

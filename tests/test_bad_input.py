@@ -250,6 +250,8 @@ CASES = [
     Case("imm.merge_ratio='autp'", "config", imm(merge_ratio="autp"), ValueError, r"merge_ratio must be .* or 'auto', got 'autp'"),
     Case("imm.merge_ratio={'depth': [0.2]}", "config", imm(merge_ratio={"depth": [0.2]}), ValueError,
          r"bad depth rule.*\{'depth': \[first_layer_ratio, last_layer_ratio\]\}"),
+    Case("imm.merge_ratio='auto' in step mode", "config", imm(merge_every_steps=2, merge_ratio="auto"), ValueError,
+         r"step mode has no questions: give a number, a per-layer map or a depth rule"),
     Case("imm.epochs_per_iteration=0", "config", imm(epochs_per_iteration=0), ValueError,
          r"epochs_per_iteration must be > 0 \(got 0\)"),
     Case("imm.max_correct_per_question=0", "config", imm(max_correct_per_question=0), ValueError,
