@@ -81,6 +81,11 @@ def test_ties_go_to_the_smaller_ratio(tmp_path):
     user_script(tmp_path, imm_config(tmp_path, questions=QUESTIONS, merge_ratio="auto", validation_questions=8))
     rows = history(tmp_path)  # any text passes: every candidate scores the same
     assert [row["auto/pick"] for row in rows] == ["0.25", "0.25"]
+    user_script(tmp_path / "depth", imm_config(
+        tmp_path / "depth", iterations=1, questions=QUESTIONS, merge_ratio="auto", validation_questions=8,
+        auto_ratio_grid=[0.5, {"depth": [0.2, 0.4]}],
+    ))
+    assert history(tmp_path / "depth")[0]["auto/pick"] == "depth0.2-0.4"  # mean ratio 0.3 < 0.5
     assert pick_candidate([1.0, 0.5, {"depth": [0.2, 0.4]}], [0.3, 0.3, 0.3], None, None) == 2
     assert pick_candidate([0.25, 0.5], [0.2, 0.6], [0.0, 0.5], 0.1) == 0  # 0.5 drifts too far
     assert pick_candidate([0.25, 0.5], [0.2, 0.6], [0.4, 0.3], 0.1) == 1  # none within: least drift
