@@ -45,7 +45,7 @@ def _state(directory):
 
 
 def _no_partials(parent):
-    return not [p for p in Path(parent).iterdir() if ".partial-" in p.name]
+    return not [p for p in Path(parent).iterdir() if ".staging-" in p.name]
 
 
 @pytest.mark.parametrize("method", ["linear", "dare_linear", "ties", "dare_ties"])
@@ -226,7 +226,7 @@ def test_killed_merge_leaves_no_output_directory(tmp_path):
     deadline = time.time() + 120
     shards_written = []
     while time.time() < deadline and process.poll() is None and not shards_written:
-        partials = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+        partials = [p for p in tmp_path.iterdir() if ".staging-" in p.name]
         shards_written = [
             f for p in partials for f in p.glob("*.safetensors") if f.stat().st_size > 0
         ]

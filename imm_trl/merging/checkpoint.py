@@ -17,7 +17,6 @@ import math
 import os
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from imm_trl.files import publish_directory, remove_stale_staging, staging_directory
 from imm_trl.merging.config import (
     Ratio,
     RatioMap,
@@ -63,7 +63,6 @@ ARCHITECTURE_KEYS = (
     "vocab_size",
     "tie_word_embeddings",
 )
-PARTIAL_MARKER = ".partial-"
 # Elements streamed per piece (a multiple of the DARE mask block) and pieces in flight
 # (one being read, one merged, one written): memory is bounded by these, not by tensor size.
 STREAM_CHUNK = 8 * MERGE_CHUNK
@@ -133,14 +132,8 @@ def merge_checkpoints(
     try:
         planned = plan_merge(base, tuned_readers, tuned_list)
         check_ratio_patterns(ratio_map, [t.name for t in planned], f"checkpoint {base_dir}")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(out_dir)
-        staging = Path(
-            tempfile.mkdtemp(
-                prefix=f".{out_dir.name}{PARTIAL_MARKER}{os.getpid()}-", dir=out_dir.parent
-            )
-        )
-        try:
+        remove_stale_staging(out_dir.parent)
+        with staging_directory(out_dir) as staging:
             writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes, fsync=fsync)
             settings = dict(
                 method=method,
@@ -152,10 +145,11 @@ def merge_checkpoints(
             stream_merge(base, tuned_readers, planned, writer, ratio_map, settings)
             writer.finish()
             copy_model_files(base_dir, staging)
-            publish(staging, out_dir, overwrite)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            if out_dir.exists() and not overwrite:
+                raise FileExistsError(
+                    f"output directory {out_dir} appeared during the merge; not replacing it"
+                )
+            publish_directory(staging, out_dir, fsync=fsync)
     finally:
         base.close()
         for reader in tuned_readers:
@@ -449,39 +443,3 @@ def copy_model_files(base_dir: Path, out_dir: Path) -> None:
         if path.name.endswith(".index.json"):
             continue
         shutil.copy2(path, out_dir / path.name)
-
-
-def remove_stale_partials(out_dir: Path) -> None:
-    """Delete partial outputs for `out_dir` left by merges whose process no longer runs."""
-    prefix = f".{out_dir.name}{PARTIAL_MARKER}"
-    for candidate in out_dir.parent.glob(f"{prefix}*"):
-        pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished staging directory to `out_dir` atomically (replacing it if asked)."""
-    staging.chmod(0o755)
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"output directory {out_dir} appeared during the merge; not replacing it"
-            )
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        retired.rmdir()
-        out_dir.rename(retired)
-        staging.rename(out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
