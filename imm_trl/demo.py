@@ -49,7 +49,7 @@ from typing import Any, TextIO
 from imm_trl.files import write_atomically
 from imm_trl.plots import new_figure, save_png
 
-# recipes/default.yaml, value for value (tests/test_demo.py checks they agree).
+# recipes/default.yaml, value for value (tests/test_demo_report.py checks they agree).
 DEFAULT_RECIPE: dict[str, Any] = {
     "model": {"name_or_path": "default", "dtype": "float32"},
     "data": {"suite": "default", "n_train": 200, "n_eval": 100, "seed": 0},

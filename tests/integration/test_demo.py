@@ -1,6 +1,6 @@
 """`imm-trl demo --quick` end to end (integration tier): both arms run from theta0 and write
 their report; the console shows progress lines and the tables, no library bars. The fast
-tests of the recipe, tables and report files are in tests/test_demo.py."""
+tests of the recipe, tables and report files are in tests/test_demo_report.py."""
 
 import argparse
 import json
