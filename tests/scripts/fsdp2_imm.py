@@ -34,6 +34,7 @@ from imm_trl.checkpoints import (
 )
 from imm_trl.distributed import is_dtensor, whole_parameters
 from imm_trl.merging import FullWeightMerger, LoraMerger, MergeConfig
+from imm_trl.merging.config import default_density
 from imm_trl.models import tiny_model
 
 FULL_METHODS = ("linear", "dare_linear", "ties")  # iteration t merges with FULL_METHODS[t - 1]
@@ -45,7 +46,7 @@ LORA_SEED, RESET_SEED = 11, 5
 
 
 def merge_config(method: str) -> MergeConfig:
-    return MergeConfig(method=method, ratio=0.5, density=0.8, seed=3)
+    return MergeConfig(method=method, ratio=0.5, density=default_density(method), seed=3)
 
 
 def build_model(scenario: str):
