@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -68,6 +67,7 @@ from imm_trl.distributed import whole_parameters
 from imm_trl.files import remove_stale_staging, write_json_atomically
 from imm_trl.fingerprint import differences, run_fingerprint
 from imm_trl.merging import FullWeightMerger, LoraMerger
+from imm_trl.validation import check_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +443,8 @@ class IMMCallback(TrainerCallback):
         from; returns the number of completed iterations. Every process reads the directory
         before the main process changes it."""
         config, out = self.config, self.output_dir
-        _check_writable(out)
+        check_writable_dir(out, "IMM output directory")  # now, not after the first iteration
+        out.mkdir(parents=True, exist_ok=True)
         run_file = out / RUN_FILE
         saved_run = json.loads(run_file.read_text()) if run_file.is_file() else None
         found = [p.name for _, p in iteration_checkpoints(out)] + [p.name for p in work_directories(out)]
@@ -520,17 +521,3 @@ class IMMCallback(TrainerCallback):
     def _remove_sampler_model(self) -> None:
         if self._sampler_model_dir is not None and not self.config.keep_sampler_model:
             shutil.rmtree(self._sampler_model_dir, ignore_errors=True)
-
-
-def _check_writable(directory: Path) -> None:
-    """Fail now, not after the first iteration, if `directory` cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(
-            f"cannot write the IMM output directory {directory} ({error.strerror}); choose a "
-            "writable output_dir"
-        ) from error
