@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_load import describe, machine_load  # noqa: E402
+from machine_load import describe, machine_load, settle  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
@@ -30,12 +30,13 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
 def run(directory: str, n_train: int, iterations: int, extra: list[str]) -> list[dict]:
     from imm_trl.loop import run_imm
 
+    before = settle()
     callback = run_imm(RECIPE, [
         "--sft.output_dir", directory, "--data.n_train", str(n_train), "--data.n_eval", "20",
         "--imm.iterations", str(iterations), "--imm.eval_at_start", "false", *extra,
     ])
     callback.sampler.close()
-    return [{**row, "load": machine_load()} for row in callback.history]
+    return [{**row, "load_before": before, "load": machine_load()} for row in callback.history]
 
 
 def main() -> None:
@@ -57,6 +58,8 @@ def main() -> None:
             "extra_vs_fixed": a["seconds/iteration"] / f["seconds/iteration"] - 1, "pick": a["auto/pick"],
             "scores": {k.removeprefix("auto/score/"): v for k, v in a.items() if k.startswith("auto/score/")},
             "load_fixed": f["load"], "load_auto": a["load"],
+            "quiet": f["load_before"]["quiet"] and a["load_before"]["quiet"],
+            "load_before_fixed": f["load_before"], "load_before_auto": a["load_before"],
         })
     result = {
         "command": f"python benchmarks/auto_ratio_cost.py --n-train {args.n_train} --iterations {args.iterations} --validation {args.validation}",
@@ -65,13 +68,17 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "auto_ratio_cost.json").write_text(json.dumps(result, indent=2))
-    lines = ["# Cost of merge_ratio='auto' (default recipe)", "", f"Command: `{result['command']}`  ", f"Note: {result['note']}", "",
-             "| iteration | fixed s | auto s | auto phase s | auto phase share | auto vs fixed | pick | load (fixed run; auto run) |",
-             "|---|---|---|---|---|---|---|---|"]
+    quiet = all(r["quiet"] for r in rows)
+    verdict = ("Quiet machine: the load before each run was at most the quiet level (the load at the end is the runs' own "
+               "two threads)." if quiet else "BUSY machine: some run started while other work was running; not a quiet-machine result.")
+    lines = ["# Cost of merge_ratio='auto' (default recipe)", "", verdict, "", f"Command: `{result['command']}`  ", f"Note: {result['note']}", "",
+             "| iteration | fixed s | auto s | auto phase s | auto phase share | auto vs fixed | pick | load before (fixed; auto) | load at end (fixed; auto) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['iteration']} | {r['fixed_seconds']:.1f} | {r['auto_seconds']:.1f} | {r['auto_phase_seconds']:.1f} | "
             f"{100 * r['auto_share']:.1f}% | {100 * r['extra_vs_fixed']:+.1f}% | {r['pick']} | "
+            f"{describe(r['load_before_fixed'])}; {describe(r['load_before_auto'])} | "
             f"{describe(r['load_fixed'])}; {describe(r['load_auto'])} |"
         )
     (RESULTS / "auto_ratio_cost.md").write_text("\n".join(lines) + "\n")

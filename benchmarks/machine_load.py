@@ -4,6 +4,7 @@ shared cores a timing means little without it."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 QUIET_LOAD = 1.5  # 1-minute load average at or below which a 2-core machine counts as quiet
@@ -27,3 +28,13 @@ def machine_load() -> dict:
 def describe(load: dict) -> str:
     label = "quiet" if load["quiet"] else "BUSY"
     return f"load {load['load_1m']:.2f}/{load['load_5m']:.2f}, cpu pressure {load['cpu_pressure_avg10']}% ({label})"
+
+
+def settle(max_wait: float = 180.0) -> dict:
+    """Wait (at most `max_wait` s) for the 1-minute load to fall to the quiet level, then return
+    machine_load(). Call it before each measured run: a benchmark's own threads keep the load near
+    the core count while it runs, so only the load before a run says whether others were busy."""
+    deadline = time.monotonic() + max_wait
+    while os.getloadavg()[0] > QUIET_LOAD and time.monotonic() < deadline:
+        time.sleep(5)
+    return machine_load()
