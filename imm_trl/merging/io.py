@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class CheckpointReader:
         self._infos: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._handles: dict[Path, int] = {}
+        self._handles_lock = threading.Lock()  # merges read tensors from several threads
         shards = safetensors_files(self.model_dir)
         if shards:
             for shard in shards:
@@ -172,9 +174,10 @@ class CheckpointReader:
         return buffer
 
     def _fd(self, path: Path) -> int:
-        if path not in self._handles:
-            self._handles[path] = os.open(path, os.O_RDONLY)
-        return self._handles[path]
+        with self._handles_lock:
+            if path not in self._handles:
+                self._handles[path] = os.open(path, os.O_RDONLY)
+            return self._handles[path]
 
     def close(self) -> None:
         """Close the open files."""

@@ -28,6 +28,7 @@ from torch import nn
 from imm_trl.merging.config import MergeConfig, check_ratio_patterns, parse_ratio
 from imm_trl.merging.functional import merge_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
+from imm_trl.merging.parallel import for_each_tensor
 from imm_trl.merging.state_dict import aliased_tensors, capture_theta0_, moving_average, view_key
 
 PEFT_PREFIX = "base_model.model."
@@ -286,8 +287,11 @@ class LoraMerger:
             compute_dtype=self.config.torch_compute_dtype,
         )
         try:
-            for target in self.targets.values():
-                self._merge_target(target, ratio_map.ratio_for(target.name), reader, settings)
+            for_each_tensor(
+                lambda target: self._merge_target(target, ratio_map.ratio_for(target.name), reader, settings),
+                self.targets.values(),
+                on_cpu=all(t.base_layer.weight.device.type == "cpu" for t in self.targets.values()),
+            )
             for saved in self.saved_modules:
                 theta0 = saved.theta0.to(saved.original.device)
                 merged = merge_tensors(

@@ -21,6 +21,7 @@ from imm_trl.merging.config import (
 )
 from imm_trl.merging.functional import merge_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
+from imm_trl.merging.parallel import for_each_tensor
 
 
 def merge_state_dicts(
@@ -209,31 +210,34 @@ class FullWeightMerger:
         symmetry with `LoraMerger`: there is no adapter to re-initialise."""
         ratio_map = parse_ratio(ratio) if ratio is not None else self.config.ratio_map(iteration)
         reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
-        merged = set()
+        unique, seen = [], set()
+        for name, param in model.named_parameters():
+            if (key := view_key(param)) not in seen:  # tied parameters are merged once
+                seen.add(key)
+                unique.append((name, param))
+
+        def merge_one(named: tuple[str, nn.Parameter]) -> None:
+            name, param = named
+            theta0 = reader.read(name) if reader is not None else self._theta0[name]
+            settings = dict(
+                method=self.config.method,
+                ratio=ratio_map.ratio_for(name),
+                density=self.config.density,
+                seed=self.config.seed + iteration,
+                name=name,
+                compute_dtype=self.config.torch_compute_dtype,
+            )
+            if (
+                settings["method"] in ("linear", "dare_linear")
+                and theta0.dtype == param.dtype
+                and param.is_contiguous()
+            ):
+                merge_into_(param.data, theta0, **settings)  # in place, no tensor-sized temporaries
+            else:
+                param.copy_(merge_tensors(theta0.to(param.device), param.detach(), **settings))
+
         try:
-            for name, param in model.named_parameters():
-                if (key := view_key(param)) in merged:
-                    continue  # tied through shared memory to a parameter already merged
-                merged.add(key)
-                theta0 = reader.read(name) if reader is not None else self._theta0[name]
-                settings = dict(
-                    method=self.config.method,
-                    ratio=ratio_map.ratio_for(name),
-                    density=self.config.density,
-                    seed=self.config.seed + iteration,
-                    name=name,
-                    compute_dtype=self.config.torch_compute_dtype,
-                )
-                if (
-                    settings["method"] in ("linear", "dare_linear")
-                    and theta0.dtype == param.dtype
-                    and param.is_contiguous()
-                ):
-                    merge_into_(
-                        param.data, theta0, **settings
-                    )  # in place, no tensor-sized temporaries
-                else:
-                    param.copy_(merge_tensors(theta0.to(param.device), param.detach(), **settings))
+            for_each_tensor(merge_one, unique, on_cpu=all(p.device.type == "cpu" for _, p in unique))
         finally:
             if reader is not None:
                 reader.close()
