@@ -79,7 +79,7 @@ def main() -> None:
             f"| {r['iteration']} | {r['fixed_seconds']:.1f} | {r['auto_seconds']:.1f} | {r['auto_phase_seconds']:.1f} | "
             f"{100 * r['auto_share']:.1f}% | {100 * r['extra_vs_fixed']:+.1f}% | {r['pick']} | "
             f"{describe(r['load_before_fixed'])}; {describe(r['load_before_auto'])} | "
-            f"{describe(r['load_fixed'])}; {describe(r['load_auto'])} |"
+            f"{describe(r['load_fixed'], judge=False)}; {describe(r['load_auto'], judge=False)} |"
         )
     (RESULTS / "auto_ratio_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -25,9 +25,11 @@ def machine_load() -> dict:
     return {"load_1m": round(one, 2), "load_5m": round(five, 2), "cpu_pressure_avg10": cpu_pressure(), "quiet": one <= QUIET_LOAD}
 
 
-def describe(load: dict) -> str:
-    label = "quiet" if load["quiet"] else "BUSY"
-    return f"load {load['load_1m']:.2f}/{load['load_5m']:.2f}, cpu pressure {load['cpu_pressure_avg10']}% ({label})"
+def describe(load: dict, judge: bool = True) -> str:
+    """`load 1m/5m, cpu pressure x%`, with `(quiet)` or `(BUSY)` when `judge` (not for a load
+    taken while the benchmark itself ran)."""
+    text = f"load {load['load_1m']:.2f}/{load['load_5m']:.2f}, cpu pressure {load['cpu_pressure_avg10']}%"
+    return f"{text} ({'quiet' if load['quiet'] else 'BUSY'})" if judge else text
 
 
 def settle(max_wait: float = 180.0) -> dict:
