@@ -8,7 +8,7 @@ LOCK := requirements/lock-cpu.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast test-integration lint model demo clean-venv
+.PHONY: setup test test-fast test-integration lint model demo clean-venv mergekit
 
 setup: $(STAMP)
 
@@ -44,3 +44,9 @@ lint: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# mergekit for benchmarks/merge.py, in its own venv that reuses this one's packages (CLI only).
+mergekit: setup
+	test -x .venv-mergekit/bin/python || $(PYTHON) -m venv .venv-mergekit
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$$(.venv-mergekit/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/imm-trl-venv.pth"
+	.venv-mergekit/bin/pip install --quiet --no-deps mergekit==0.1.5 immutables protobuf

@@ -2,18 +2,20 @@
 
 (a) LoRA merge into SmolLM2-135M (fp32) and into a 1.1B Llama built from a config (bf16):
     imm-trl's `LoraMerger.merge` (alpha = 0.5, adapter re-initialised) vs PEFT's
-    `merge_and_unload`. Each measurement runs in its own process; "peak extra RSS" is the peak
-    resident memory sampled during the merge minus the resident memory just before it.
+    `merge_and_unload` (with torch's default threads and with one thread) vs the floor (the
+    same tensors' memory traffic plus the B @ A products), first on the quiet machine, then
+    with one competing busy process per core. Each measurement runs in its own process;
+    "peak extra RSS" is the peak resident memory sampled during the merge minus the resident
+    memory just before it.
 (b) Checkpoint merge of two 1.7B-parameter bf16 checkpoints on disk (sharded safetensors):
     `imm-trl merge` (linear and dare_linear) vs a plain read-and-write of the same bytes (read
     both checkpoints, write one checkpoint's worth, fsync) vs mergekit `task_arithmetic` and
-    `dare_linear` run from a separate virtual environment (`.venv-mergekit`, CLI only). Wall
-    time and peak RSS (`/usr/bin/time` of each child process). Page cache is warm for all.
+    `dare_linear` with its low-memory flags, run from a separate virtual environment
+    (`make mergekit` builds `.venv-mergekit`). Wall time and peak RSS (`/usr/bin/time` of each
+    child process), every contender with one intra-op thread. Page cache is warm for all.
 
-Every child process runs with OMP_NUM_THREADS=1 (see `_env`). The 1-minute load average is
-recorded beside each row: on a shared machine wall times stretch with it, so compare the
-rows of one run only. CPU seconds (user + system, all threads) are reported beside wall
-times: they stretch much less with the load.
+The load before each part (benchmarks/machine_load.py) is recorded beside its rows; the quiet
+part waits for the machine to settle first and is labelled BUSY if it did not.
 
 Usage:  python benchmarks/merge.py [--skip-lora] [--skip-checkpoints] [--workdir /tmp/imm_merge_bench]
 Writes benchmarks/results/merge.json and benchmarks/results/merge.md.
@@ -31,9 +33,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine_load import describe, machine_load, settle  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 MERGEKIT_YAML = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
@@ -56,6 +62,8 @@ LLAMA_1P7B = dict(
     tie_word_embeddings=False,
 )
 LORA_REPEATS = 2
+# mergekit's flags for the least memory and time on a CPU (its README's advice)
+MERGEKIT_BEST_FLAGS = ("--lazy-unpickle", "--low-cpu-memory", "--out-shard-size", "1B")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -139,6 +147,9 @@ def lora_case(model_name: str, impl: str) -> dict:
             merger.merge(peft_model, iteration=1)
             result["seconds"] = time.perf_counter() - start
             result["cpu_seconds"] = time.process_time() - cpu
+    elif impl == "floor":
+        result.update(lora_floor(peft_model))
+        return result
     else:
         with PeakRSS() as rss:
             start, cpu = time.perf_counter(), time.process_time()
@@ -149,27 +160,98 @@ def lora_case(model_name: str, impl: str) -> dict:
     return result
 
 
-def run_lora_benchmarks() -> list[dict]:
+def lora_floor(peft_model) -> dict:
+    """What any LoRA merge must do, timed on the same tensors with the same threads as imm-trl's
+    merge: one pass reading theta0 and W and writing W (`W += theta0`, native dtype), plus the
+    B @ A products formed block by block in a cache-resident buffer (no memory traffic). The
+    floor is their sum."""
+    import torch
+
+    from imm_trl.merging import LoraMerger, MergeConfig
+    from imm_trl.merging.functional import LOW_RANK_BLOCK
+    from imm_trl.merging.parallel import for_each_tensor
+
+    merger = LoraMerger(peft_model, MergeConfig(method="linear", ratio=0.5))
+    targets = list(merger.targets.values())
+
+    def traffic(target) -> None:
+        target.base_layer.weight.data.add_(target.theta0)
+
+    def products(target) -> None:
+        layer = target.layers[0]
+        b = layer.lora_B[merger.adapter].weight.detach().float()
+        a = layer.lora_A[merger.adapter].weight.detach().float()
+        block_rows = max(1, LOW_RANK_BLOCK // a.shape[1])
+        work = torch.empty(min(block_rows, b.shape[0]), a.shape[1])
+        for begin in range(0, b.shape[0], block_rows):
+            rows = b[begin : begin + block_rows]
+            torch.mm(rows, a, out=work[: rows.shape[0]])
+
+    seconds = {}
+    with torch.no_grad():
+        for name, function in (("traffic", traffic), ("products", products)):
+            start = time.perf_counter()
+            for_each_tensor(function, targets)
+            seconds[name] = time.perf_counter() - start
+    return dict(
+        seconds=seconds["traffic"] + seconds["products"],
+        traffic_seconds=seconds["traffic"],
+        products_seconds=seconds["products"],
+        cpu_seconds=float("nan"),
+        merge_extra_rss_mb=0.0,
+    )
+
+
+# (contender name, impl, extra environment): PEFT also with one intra-op thread, its best
+# setting on this machine (its two-thread merge is slower even on a quiet machine).
+LORA_CONTENDERS = [
+    ("imm-trl", "imm", {}),
+    ("peft", "peft", {}),
+    ("peft 1 thread", "peft", {"OMP_NUM_THREADS": "1"}),
+    ("floor", "floor", {}),
+]
+
+
+@contextmanager
+def competing_load(processes: int):
+    """`processes` busy-looping processes (one per core: the load a shared machine puts on a
+    merge), stopped on exit."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        time.sleep(2 if busy else 0)
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
+def run_lora_benchmarks(repeats: int = LORA_REPEATS) -> list[dict]:
+    """Every contender on both models, on the quiet machine and then under one competing busy
+    process per core; repeats alternate between contenders (a fresh process each; the fastest
+    is reported, every run is kept)."""
     rows = []
-    for model_name in ("smollm2", "llama-1.1b"):
-        for impl in ("peft", "imm"):
-            runs = []
-            for _ in range(LORA_REPEATS):  # a fresh process each time; the fastest is reported
-                out = subprocess.run(
-                    [sys.executable, __file__, "--lora-case", model_name, impl],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    env=_env(),
-                )
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            row = min(runs, key=lambda r: r["seconds"])
-            row["all_seconds"] = [r["seconds"] for r in runs]
-            row["cpu_seconds"] = min(r["cpu_seconds"] for r in runs)
-            row["load_average"] = os.getloadavg()[0]
-            row["merge_extra_rss_mb"] = max(r["merge_extra_rss_mb"] for r in runs)
-            print("lora", row, flush=True)
-            rows.append(row)
+    for condition, busy in (("quiet", 0), ("loaded", os.cpu_count() or 1)):
+        before = settle()
+        with competing_load(busy):
+            for model_name in ("smollm2", "llama-1.1b"):
+                runs = {name: [] for name, _, _ in LORA_CONTENDERS}
+                for _ in range(repeats):
+                    for name, impl, extra_env in LORA_CONTENDERS:
+                        out = subprocess.run(
+                            [sys.executable, __file__, "--lora-case", model_name, impl],
+                            check=True, capture_output=True, text=True, env={**_env(), **extra_env},
+                        )
+                        runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                for name, _, _ in LORA_CONTENDERS:
+                    row = min(runs[name], key=lambda r: r["seconds"])
+                    row.update(
+                        contender=name, condition=condition, load_before=before, load_after=machine_load(),
+                        all_seconds=[r["seconds"] for r in runs[name]],
+                        merge_extra_rss_mb=max(r["merge_extra_rss_mb"] for r in runs[name]),
+                    )
+                    print("lora", json.dumps(row), flush=True)
+                    rows.append(row)
     return rows
 
 
@@ -283,7 +365,7 @@ def timed_child(command: list[str], env: dict | None = None) -> dict:
     start = time.perf_counter()
     process = subprocess.run(
         ["/usr/bin/time", "-f", "%U %S %M", "-o", str(stats), *command],
-        env=env or _env(),
+        env=env or _env(threads="1"),  # one intra-op thread for every checkpoint contender
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -376,7 +458,7 @@ def run_checkpoint_benchmarks(workdir: Path) -> dict:
             config_path.write_text(mergekit_config(method, base_dir, tuned_dir, 0.5, 0.8))
             contenders.append(
                 (
-                    f"mergekit {method}",
+                    f"mergekit {method} ({' '.join(MERGEKIT_BEST_FLAGS)})",
                     [
                         str(MERGEKIT_YAML),
                         str(config_path),
@@ -384,6 +466,7 @@ def run_checkpoint_benchmarks(workdir: Path) -> dict:
                         "--quiet",
                         "--random-seed",
                         "0",
+                        *MERGEKIT_BEST_FLAGS,
                     ],
                 )
             )
@@ -405,14 +488,56 @@ def run_checkpoint_benchmarks(workdir: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-def _env() -> dict:
+def _env(threads: str | None = None) -> dict:
+    """The children's environment: this checkout first on the path, torch's default threads
+    (what users get) unless `threads` is given."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    # The machine is shared with other jobs; with 2 cores oversubscribed, OpenMP's spinning
-    # threads make timings swing 10x. Every contender gets one intra-op thread.
-    env["OMP_NUM_THREADS"] = "1"
+    env.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def lora_markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "## (a) LoRA merge (r=16, all linear projections; imm-trl at alpha=0.5 incl. adapter reset)",
+        "",
+        "Each run is a fresh process with torch's default threads (2 here) unless the contender says "
+        "otherwise; the fastest of the alternating repeats is reported, all are listed. `loaded`: one "
+        "busy-looping process per core ran beside the merge. `floor`: one pass reading theta0 and W and "
+        "writing W plus the B @ A products (`lora_floor`), same tensors and threads as imm-trl.",
+        "",
+        "| model | dtype | condition | contender | merge s (best) | all runs s | CPU s | peak extra RSS MiB "
+        "| theta0 held MiB | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        theta0 = f"{row['theta0_bytes'] / 2**20:.0f}" if "theta0_bytes" in row else "-"
+        lines.append(
+            f"| {row['model']} | {row['dtype'].removeprefix('torch.')} | {row['condition']} | {row['contender']} | "
+            f"{row['seconds']:.3f} | {', '.join(f'{x:.2f}' for x in row['all_seconds'])} | "
+            f"{row.get('cpu_seconds', float('nan')):.2f} | {row['merge_extra_rss_mb']:.0f} | {theta0} | "
+            f"{describe(row['load_before'])} |"
+        )
+    lines.append("")
+    best = {(r["model"], r["condition"], r["contender"]): r["seconds"] for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for condition in ("quiet", "loaded"):
+            imm = best.get((model, condition, "imm-trl"))
+            peft = min(v for (m, c, n), v in best.items() if m == model and c == condition and n.startswith("peft"))
+            floor = best.get((model, condition, "floor"))
+            lines.append(
+                f"- {model}, {condition}: imm-trl {imm:.2f} s = {peft / imm:.2f}x the speed of PEFT's faster "
+                f"setting ({peft:.2f} s), {imm / floor:.2f}x the floor ({floor:.2f} s)."
+            )
+        imm_q, imm_l = best[(model, "quiet", "imm-trl")], best[(model, "loaded", "imm-trl")]
+        peft_q, peft_l = best[(model, "quiet", "peft")], best[(model, "loaded", "peft")]
+        lines.append(
+            f"- {model}, loaded over quiet: imm-trl {imm_l / imm_q:.2f}x, PEFT (default threads) {peft_l / peft_q:.2f}x."
+        )
+    return lines + [""]
 
 
 def markdown(results: dict) -> str:
@@ -425,41 +550,7 @@ def markdown(results: dict) -> str:
     if results.get("note"):
         lines += [results["note"], ""]
     if results.get("lora"):
-        lines += [
-            "## (a) LoRA merge (r=16, all linear projections; imm-trl at alpha=0.5 incl. adapter reset)",
-            "",
-            "imm-trl captures theta0 once per run, when the merger is built (before training); "
-            "its time and memory are shown apart from the merge's.",
-            "",
-            "| model | params | dtype | impl | merge s (best) | all runs s | merge CPU s (best) "
-            "| peak extra RSS MiB (merge) | capture s | capture extra RSS MiB | theta0 held MiB | load avg |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in results["lora"]:
-            theta0 = f"{row['theta0_bytes'] / 2**20:.0f}" if "theta0_bytes" in row else "-"
-            capture = f"{row['capture_seconds']:.3f}" if "capture_seconds" in row else "-"
-            capture_rss = (
-                f"{row['capture_extra_rss_mb']:.0f}" if "capture_extra_rss_mb" in row else "-"
-            )
-            lines.append(
-                f"| {row['model']} | {row['params'] / 1e9:.3f}B | {row['dtype']} | {row['impl']} | "
-                f"{row['seconds']:.3f} | {', '.join(f'{x:.2f}' for x in row.get('all_seconds', []))} | "
-                f"{row.get('cpu_seconds', float('nan')):.3f} | "
-                f"{row['merge_extra_rss_mb']:.0f} | {capture} | {capture_rss} | {theta0} | "
-                f"{row.get('load_average', float('nan')):.1f} |"
-            )
-        for model in ("smollm2", "llama-1.1b"):
-            by_impl = {r["impl"]: r for r in results["lora"] if r["model"] == model}
-            if {"imm", "peft"} <= set(by_impl):
-                ratio = by_impl["peft"]["seconds"] / by_impl["imm"]["seconds"]
-                cpu = by_impl["peft"].get("cpu_seconds", float("nan")) / by_impl["imm"].get(
-                    "cpu_seconds", float("nan")
-                )
-                lines.append(
-                    f"\n{model}: imm-trl merge is {ratio:.2f}x the speed of PEFT merge_and_unload "
-                    f"(wall time; {cpu:.2f}x in CPU time)."
-                )
-        lines.append("")
+        lines += lora_markdown(results["lora"])
     if results.get("checkpoints"):
         info = results["checkpoints"]["checkpoint"]
         lines += [

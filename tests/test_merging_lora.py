@@ -317,3 +317,39 @@ def test_full_weight_merger_merges_memory_shared_parameters_once():
     )
     assert layers[1].mlp.up_proj.weight.data_ptr() == layers[0].mlp.up_proj.weight.data_ptr()
     assert torch.equal(layers[0].mlp.up_proj.weight, expected)
+
+
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+])
+@pytest.mark.parametrize("method,density", [("linear", 1.0), ("dare_linear", 0.6)])
+def test_row_block_low_rank_merge_is_bit_identical_to_merging_peft_delta(
+    monkeypatch, base_dtype, adapter_dtype, method, density
+):
+    """`merge_low_rank_into_` forms dW block by block; the result must be what merging PEFT's
+    whole `get_delta_weight` gives, bit for bit, with several blocks per tensor."""
+    from peft.tuners.lora import Linear
+
+    import imm_trl.merging.functional as functional
+
+    monkeypatch.setattr(functional, "LOW_RANK_BLOCK", 100)  # many blocks, some rows split oddly
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8)
+    layer = Linear(torch.nn.Linear(48, 37, bias=False), "default", config=config, r=4, lora_alpha=8)
+    layer.to(base_dtype)
+    layer.lora_A["default"].to(adapter_dtype)
+    layer.lora_B["default"].to(adapter_dtype)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.1)
+        layer.base_layer.weight.normal_()
+    theta0 = layer.base_layer.weight.detach().clone() + 0.01
+    settings = dict(method=method, ratio=0.37, density=density, seed=5, name="w")
+    expected = layer.base_layer.weight.detach().clone()
+    functional.merge_into_(expected, theta0, layer.get_delta_weight("default"), **settings)
+    fused = layer.base_layer.weight.detach().clone()
+    functional.merge_low_rank_into_(
+        fused, theta0, layer.lora_B["default"].weight.detach(), layer.lora_A["default"].weight.detach(),
+        layer.scaling["default"], **settings,
+    )
+    assert torch.equal(fused, expected)
+    assert not torch.equal(fused, layer.base_layer.weight)

@@ -571,3 +571,77 @@ def merge_into_(
             dare_prune_(tuned, keep, density)
         flat[begin:end].copy_(tuned.mul_(ratio).add_(base))
     return current
+
+
+# Elements of one row block of `merge_low_rank_into_`. Each torch call holds the GIL for its
+# Python-side work, so with one merge thread per core small blocks serialize the threads; large
+# ones leave the cache. Measured on the 1.1B bf16 LoRA merge (2 cores, 2 threads), whole merge:
+# 2^16 4.6 s, 2^18 2.4-2.7 s, 2^20 1.7-1.9 s, 2^21 1.8-1.9 s.
+LOW_RANK_BLOCK = 1 << 20
+
+
+def merge_low_rank_into_(
+    current: torch.Tensor,
+    theta0: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_a: torch.Tensor,
+    scaling: float,
+    *,
+    method: str = "linear",
+    ratio: float = 1.0,
+    density: float = 1.0,
+    seed: int = 0,
+    name: str = "",
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """In place: `current <- theta0 + ratio * M(current + dW - theta0)`, dW = scaling * B @ A.
+
+    The same result, bit for bit, as `merge_into_(current, theta0, dW)` with dW from PEFT's
+    `get_delta_weight` on the CPU (the product in fp32, rounded to B's dtype), but formed one
+    block of rows at a time in cache-sized buffers: dW is never written to memory as a whole
+    tensor, and each weight is read and written once instead of once per elementwise pass.
+    Operands in another dtype are converted into the buffers once per block (arithmetic with
+    a mixed-dtype operand converts on every pass, which costs more than the copy).
+    For `linear` and `dare_linear` on 2-D CPU tensors; the DARE mask is the one `merge_into_`
+    draws (it is indexed by flat element position).
+
+    Args:
+        current (`torch.Tensor`): The weights to overwrite (G), contiguous, rows x columns.
+        theta0 (`torch.Tensor`): The original weights, same shape.
+        lora_b (`torch.Tensor`): B, rows x rank.
+        lora_a (`torch.Tensor`): A, rank x columns.
+        scaling (`float`): The adapter's scaling (lora_alpha / r, or rsLoRA's).
+        method, ratio, density, seed, name, compute_dtype: As in `merge_tensors`.
+
+    Returns:
+        `torch.Tensor`: `current`.
+    """
+    rows, columns = current.shape
+    block_rows = max(1, LOW_RANK_BLOCK // columns)
+    size = min(block_rows, rows) * columns
+    a = lora_a.to(compute_dtype)
+    b = lora_b.to(compute_dtype)
+    work_buffer = torch.empty(size, dtype=compute_dtype)
+    current_buffer = torch.empty(size, dtype=compute_dtype) if current.dtype != compute_dtype else None
+    theta0_buffer = torch.empty(size, dtype=compute_dtype) if theta0.dtype != compute_dtype else None
+    prune = method == "dare_linear" and density < 1.0
+    mask_buffer = torch.empty(size, dtype=torch.bool) if prune else None
+
+    def in_compute_dtype(tensor: torch.Tensor, buffer: torch.Tensor | None, count: int) -> torch.Tensor:
+        return tensor if buffer is None else buffer[:count].view(tensor.shape).copy_(tensor)
+
+    for begin in range(0, rows, block_rows):
+        end = min(begin + block_rows, rows)
+        count = (end - begin) * columns
+        work = work_buffer[:count].view(end - begin, columns)
+        # alpha inside the product: one pass less than mm then mul, and the same bits
+        torch.addmm(work, b[begin:end], a, beta=0, alpha=scaling, out=work)
+        if lora_b.dtype != compute_dtype:  # PEFT returns dW in the adapter's dtype
+            work.copy_(work.to(lora_b.dtype))
+        base = in_compute_dtype(theta0[begin:end], theta0_buffer, count)
+        work.add_(in_compute_dtype(current[begin:end], current_buffer, count)).sub_(base)
+        if prune:
+            keep = dare_keep_mask(work.shape, density, seed, name, begin * columns, out=mask_buffer)
+            dare_prune_(work, keep, density)
+        current[begin:end].copy_(work.mul_(ratio).add_(base))
+    return current

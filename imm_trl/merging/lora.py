@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from imm_trl.merging.config import MergeConfig, check_ratio_patterns, parse_ratio
-from imm_trl.merging.functional import merge_into_, merge_tensors
+from imm_trl.merging.functional import merge_into_, merge_low_rank_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
 from imm_trl.merging.parallel import for_each_tensor
 from imm_trl.merging.state_dict import aliased_tensors, capture_theta0_, moving_average, view_key
@@ -289,7 +289,8 @@ class LoraMerger:
         try:
             for_each_tensor(
                 lambda target: self._merge_target(target, ratio_map.ratio_for(target.name), reader, settings),
-                self.targets.values(),
+                # largest first, so that no thread is left with a big tensor at the end
+                sorted(self.targets.values(), key=lambda t: -t.base_layer.weight.numel()),
                 on_cpu=all(t.base_layer.weight.device.type == "cpu" for t in self.targets.values()),
             )
             for saved in self.saved_modules:
@@ -314,6 +315,19 @@ class LoraMerger:
         current = target.master if target.quantized else layer_weight.data
         theta0 = reader.read(target.name) if reader is not None else target.theta0
         theta0 = theta0.to(current.device, dtype=current.dtype)
+        if self._low_rank_mergeable(target, current, settings):
+            layer = target.layers[0]
+            merge_low_rank_into_(
+                current,
+                theta0,
+                layer.lora_B[self.adapter].weight.detach(),
+                layer.lora_A[self.adapter].weight.detach(),
+                layer.scaling[self.adapter],
+                ratio=ratio,
+                name=target.name,
+                **settings,
+            )
+            return
         delta_w = target.layers[0].get_delta_weight(self.adapter)
         for layer in target.layers[1:]:  # tied weights: every layer writing into it
             delta_w = delta_w + layer.get_delta_weight(self.adapter)
@@ -321,6 +335,25 @@ class LoraMerger:
         merge_into_(current, theta0, delta_w, ratio=ratio, name=target.name, **settings)
         if target.quantized:
             requantize(target.base_layer, target.master)
+
+    def _low_rank_mergeable(self, target: MergeTarget, current: torch.Tensor, settings: dict) -> bool:
+        """Whether `merge_low_rank_into_` computes exactly what PEFT's dW would give: one plain
+        LoRA Linear (no tied weights, no fan_in_fan_out), everything on the CPU, an elementwise
+        method in fp32."""
+        from peft.tuners.lora import Linear
+
+        layer = target.layers[0]
+        return (
+            len(target.layers) == 1
+            and type(layer) is Linear
+            and not layer.fan_in_fan_out
+            and current.device.type == "cpu"
+            and current.dim() == 2
+            and current.is_contiguous()
+            and layer.lora_B[self.adapter].weight.device.type == "cpu"
+            and settings["method"] in ("linear", "dare_linear")
+            and settings["compute_dtype"] == torch.float32
+        )
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:
         """Everything `merge` writes: each target's weight (its master if quantized), each
