@@ -580,6 +580,14 @@ def merge_into_(
 LOW_RANK_BLOCK = 1 << 20
 
 
+def reusable_buffer(buffers: dict[str, torch.Tensor], role: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU buffer of `size` elements for `role`, taken from `buffers` (grown when too small)."""
+    buffer = buffers.get(role)
+    if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+        buffer = buffers[role] = torch.empty(size, dtype=dtype)
+    return buffer[:size]
+
+
 def merge_low_rank_into_(
     current: torch.Tensor,
     theta0: torch.Tensor,
@@ -593,6 +601,7 @@ def merge_low_rank_into_(
     seed: int = 0,
     name: str = "",
     compute_dtype: torch.dtype = torch.float32,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """In place: `current <- theta0 + ratio * M(current + dW - theta0)`, dW = scaling * B @ A.
 
@@ -612,6 +621,9 @@ def merge_low_rank_into_(
         lora_a (`torch.Tensor`): A, rank x columns.
         scaling (`float`): The adapter's scaling (lora_alpha / r, or rsLoRA's).
         method, ratio, density, seed, name, compute_dtype: As in `merge_tensors`.
+        buffers (`dict`, optional): Work buffers by role, reused across calls (one dict per
+            thread): freed multi-megabyte buffers go back to the OS, and faulting fresh ones
+            in for every tensor costs more than the arithmetic.
 
     Returns:
         `torch.Tensor`: `current`.
@@ -621,11 +633,12 @@ def merge_low_rank_into_(
     size = min(block_rows, rows) * columns
     a = lora_a.to(compute_dtype)
     b = lora_b.to(compute_dtype)
-    work_buffer = torch.empty(size, dtype=compute_dtype)
-    current_buffer = torch.empty(size, dtype=compute_dtype) if current.dtype != compute_dtype else None
-    theta0_buffer = torch.empty(size, dtype=compute_dtype) if theta0.dtype != compute_dtype else None
+    buffers = {} if buffers is None else buffers
+    work_buffer = reusable_buffer(buffers, "work", size, compute_dtype)
+    current_buffer = reusable_buffer(buffers, "current", size, compute_dtype) if current.dtype != compute_dtype else None
+    theta0_buffer = reusable_buffer(buffers, "theta0", size, compute_dtype) if theta0.dtype != compute_dtype else None
     prune = method == "dare_linear" and density < 1.0
-    mask_buffer = torch.empty(size, dtype=torch.bool) if prune else None
+    mask_buffer = reusable_buffer(buffers, "mask", size, torch.bool) if prune else None
 
     def in_compute_dtype(tensor: torch.Tensor, buffer: torch.Tensor | None, count: int) -> torch.Tensor:
         return tensor if buffer is None else buffer[:count].view(tensor.shape).copy_(tensor)

@@ -19,6 +19,7 @@ quantization error of one iteration never feeds the next.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,8 +288,16 @@ class LoraMerger:
             compute_dtype=self.config.torch_compute_dtype,
         )
         try:
+            per_thread = threading.local()  # each merge thread reuses its own work buffers
+
+            def merge_one(target: MergeTarget) -> None:
+                if not hasattr(per_thread, "buffers"):
+                    per_thread.buffers = {}
+                ratio = ratio_map.ratio_for(target.name)
+                self._merge_target(target, ratio, reader, settings, per_thread.buffers)
+
             for_each_tensor(
-                lambda target: self._merge_target(target, ratio_map.ratio_for(target.name), reader, settings),
+                merge_one,
                 # largest first, so that no thread is left with a big tensor at the end
                 sorted(self.targets.values(), key=lambda t: -t.base_layer.weight.numel()),
                 on_cpu=all(t.base_layer.weight.device.type == "cpu" for t in self.targets.values()),
@@ -310,7 +319,7 @@ class LoraMerger:
         if reset:
             self.reset_adapter()
 
-    def _merge_target(self, target: MergeTarget, ratio: float, reader, settings: dict) -> None:
+    def _merge_target(self, target: MergeTarget, ratio: float, reader, settings: dict, buffers: dict) -> None:
         layer_weight = target.base_layer.weight
         current = target.master if target.quantized else layer_weight.data
         theta0 = reader.read(target.name) if reader is not None else target.theta0
@@ -325,6 +334,7 @@ class LoraMerger:
                 layer.scaling[self.adapter],
                 ratio=ratio,
                 name=target.name,
+                buffers=buffers,
                 **settings,
             )
             return
