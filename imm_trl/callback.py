@@ -67,6 +67,7 @@ from imm_trl.distributed import whole_parameters
 from imm_trl.files import remove_stale_staging, write_json_atomically
 from imm_trl.fingerprint import differences, run_fingerprint
 from imm_trl.merging import FullWeightMerger, LoraMerger
+from imm_trl.trl_compat import score_labelled_positions_only
 from imm_trl.validation import check_writable_dir
 
 logger = logging.getLogger(__name__)
@@ -354,7 +355,8 @@ class IMMCallback(TrainerCallback):
         user_output_dir = trainer.args.output_dir
         trainer.args.output_dir = str(checkpoint_dir)
         try:
-            return self._train_one_iteration(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            with score_labelled_positions_only():  # see trl_compat: 1.3x faster SFT on a CPU
+                return self._train_one_iteration(resume_from_checkpoint=str(resume_from) if resume_from else None)
         finally:
             trainer.args.output_dir = user_output_dir
 
