@@ -4,9 +4,10 @@
     imm-trl demo --quick         # a minute-scale budget (what the integration tests run)
     imm-trl demo --imm.merge_ratio 0.7 --sft.learning_rate 1e-4   # any recipe value, dotted
 
-It runs the default recipe (`recipes/default.yaml`, built here in code so a non-editable install
-needs no repository files) with a small budget, twice from the same base model theta0, on the
-same questions with the same seeds, one arm after the other through the same code path
+It runs the packaged default recipe (`imm_trl/recipes/default.yaml`, package data, so a
+non-editable install has it too) with a smaller budget (`demo_recipe`), twice from the same
+base model theta0, on the same questions with the same seeds, one arm after the other through
+the same code path
 (`SFTTrainer` + `IMMCallback`, as `imm_trl.loop.run_imm` builds them):
 
 - self-improvement: the `self_improve` preset, G_t = theta0 + 1.0 * (theta_t - theta0), i.e.
@@ -48,41 +49,6 @@ from typing import Any, TextIO
 
 from imm_trl.files import write_atomically
 from imm_trl.plots import new_figure, save_png
-
-# recipes/default.yaml, value for value (tests/test_demo_report.py checks they agree).
-DEFAULT_RECIPE: dict[str, Any] = {
-    "model": {"name_or_path": "default", "dtype": "float32"},
-    "data": {"suite": "default", "n_train": 200, "n_eval": 100, "seed": 0},
-    "peft": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
-    "sft": {
-        "output_dir": "runs/default",
-        "num_train_epochs": 1,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 2.0e-4,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.03,
-        "max_length": 512,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "logging_steps": 5,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 0,
-    },
-    "imm": {
-        "iterations": 3,
-        "merge_method": "linear",
-        "merge_ratio": 0.5,
-        "density": 1.0,
-        "samples_per_question": 4,
-        "temperature": 0.7,
-        "max_new_tokens": 16,
-        "max_correct_per_question": 2,
-        "sampler": "vllm",
-        "sampler_kwargs": {"show_progress": False},
-        "seed": 0,
-    },
-}
 
 # The arms, in the order they run: directory name -> how tables and plots call it.
 ARMS: dict[str, str] = {"self_improve": "self-improve", "imm": "IMM"}
@@ -163,7 +129,9 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
     IMM arm's recipe."""
     from imm_trl.loop import apply_overrides
 
-    raw = copy.deepcopy(DEFAULT_RECIPE)
+    from imm_trl.recipes import read_recipe
+
+    raw = read_recipe("default")
     raw["data"].update(n_train=config.n_train, n_eval=config.n_eval, seed=config.seed)
     raw["sft"].update(output_dir=str(run_dir(config)), seed=config.seed, logging_steps=1)
     if config.max_steps is not None:
