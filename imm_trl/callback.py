@@ -67,6 +67,7 @@ from imm_trl.distributed import whole_parameters
 from imm_trl.files import remove_stale_staging, write_json_atomically
 from imm_trl.fingerprint import differences, run_fingerprint
 from imm_trl.merging import FullWeightMerger, LoraMerger
+from imm_trl.sampling.base import as_sampler
 from imm_trl.validation import check_writable_dir
 
 logger = logging.getLogger(__name__)
@@ -122,8 +123,10 @@ class IMMCallback(TrainerCallback):
     Args:
         trainer: The `SFTTrainer`, built as usual; its `train_dataset` is replaced by D_t.
         config: The `IMMConfig`.
-        sampler: Any `Sampler`; default the backend `config.sampler` names, over the trainer's
-            model (HF `generate`) or over a vLLM engine started from the model's weights.
+        sampler: Any `Sampler` (an object with only `generate` works too: `as_sampler`);
+            default the backend `config.sampler` names, over the trainer's model (HF
+            `generate`) or over a vLLM engine started from the model's weights. A sampler the
+            callback starts is closed by `close()`; one given to it is the caller's to close.
 
     With `config.merge_every_steps` set (step mode), it merges inside the trainer's own SFT,
     GRPO or RLOO run instead, every N steps (`imm_trl.step_mode`); `sampler` is not used.
@@ -134,6 +137,8 @@ class IMMCallback(TrainerCallback):
     """
 
     step_merging = None  # step mode's engine (`imm_trl.step_mode`), when merge_every_steps is set
+    sampler = None  # iteration mode's `Sampler`
+    _owns_sampler = False  # whether `close` closes it: the callback started it, it was not given
 
     def __init__(self, trainer, config: IMMConfig, sampler=None):
         if config.merge_every_steps is not None:  # step mode: merge inside the trainer's own run
@@ -173,7 +178,8 @@ class IMMCallback(TrainerCallback):
             self.completed_iterations = self._open_output_dir()
         self._sampler_model_dir: Path | None = None
         with self.phase("engine start"):
-            self.sampler = sampler or self._default_sampler()
+            self._owns_sampler = sampler is None
+            self.sampler = self._default_sampler() if sampler is None else as_sampler(sampler)
         if trainer.accelerator.num_processes > 1:
             from imm_trl.distributed import ShardedSampler
 
@@ -392,7 +398,7 @@ class IMMCallback(TrainerCallback):
     def refresh_sampler(self) -> None:
         """Give a sampler with its own copy of the weights (vLLM) the merged model G_t; an HF
         sampler generates with the trainer's model itself and needs nothing."""
-        if hasattr(self.sampler, "update_weights"):
+        if self.sampler.needs_weight_updates:
             masters = {t.name: t.master for t in getattr(self.merger, "targets", {}).values() if t.quantized}
             with whole_parameters(self.trainer.model, modify=False):
                 self.sampler.update_weights(merged_state_dict(self.trainer.model, masters))
@@ -517,6 +523,12 @@ class IMMCallback(TrainerCallback):
             shutil.rmtree(path)
         for name in (RUN_FILE, METRICS_FILE, RETAIN_FILE):
             (out / name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the sampler the callback started (a vLLM engine); one given to it is the
+        caller's to close. Safe to call twice; `imm_trl.loop.run_imm` calls it."""
+        if self._owns_sampler:
+            self.sampler.close()
 
     def _remove_sampler_model(self) -> None:
         if self._sampler_model_dir is not None and not self.config.keep_sampler_model:

@@ -128,7 +128,6 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
     """The raw default recipe with the demo's budget (then `config.overrides`) applied: the
     IMM arm's recipe."""
     from imm_trl.loop import apply_overrides
-
     from imm_trl.recipes import read_recipe
 
     raw = read_recipe("default")
@@ -573,48 +572,49 @@ def run_arms(
     display.phase(THETA0, "engine start")
     sampler = start_shared_sampler(first, display)
     theta0_entry, arms, correct = None, {}, {}
-    for index, (arm, recipe) in enumerate(recipes.items()):
-        title = _arm_title(arm)
-        # theta0's line tells everything about theta0, the first arm's model load included.
-        display.phase(THETA0 if index == 0 else title, "load")
-        trainer, callback = build_arm(recipe, sampler, display, verbose)
-        if index > 0:
-            display.phase(title, "sampler refresh")
-            callback.refresh_sampler()  # the shared engine holds the last arm's G_T: theta0 again
-        if theta0_entry is None:
-            display.phase(THETA0, "eval")
-            scores = score_sets(callback.sampler, callback.config, greedy_only=False)
-            theta0_entry = history_entry(0, scores)
-            correct["theta0"] = {name: report["correct"] for name, report in scores.items()}
-        # The same random state at the start of every arm: both sample the same D_1 from theta0.
-        set_seed(callback.config.seed)
-        with phase_logs(PhaseLogHandler(display, title)):
-            trainer.train()
-        last = phase_label(title, callback.config.iterations, callback.config.iterations)
-        display.phase(last, "save G_T")
-        final_model = save_final_model(trainer, callback)
-        display.phase(last, "final eval")
-        # Reloading G_T also empties the engine's prefix cache, as before the callback's eval:
-        # cached keys computed in another batch can flip a near-tied greedy token, and this
-        # eval must give the callback's accuracy, question by question.
-        callback.refresh_sampler()
-        scores = score_sets(callback.sampler, callback.config, greedy_only=True)
-        correct[arm] = {name: report["correct"] for name, report in scores.items()}
-        arms[arm] = {
-            "history": [theta0_entry, *callback.history],
-            "metrics_file": str(callback.output_dir / METRICS_FILE),
-            "final_model": str(final_model),
-            "final_greedy": {
-                name: {k: v for k, v in report.items() if k != "correct"}
-                for name, report in scores.items()
-            },
-        }
-        if sampler is None and hasattr(callback.sampler, "close"):
-            callback.sampler.close()
-        del trainer, callback
-        gc.collect()
-    if sampler is not None:
-        sampler.close()
+    try:
+        for index, (arm, recipe) in enumerate(recipes.items()):
+            title = _arm_title(arm)
+            # theta0's line tells everything about theta0, the first arm's model load included.
+            display.phase(THETA0 if index == 0 else title, "load")
+            trainer, callback = build_arm(recipe, sampler, display, verbose)
+            if index > 0:
+                display.phase(title, "sampler refresh")
+                callback.refresh_sampler()  # the shared engine holds the last arm's G_T: theta0 again
+            if theta0_entry is None:
+                display.phase(THETA0, "eval")
+                scores = score_sets(callback.sampler, callback.config, greedy_only=False)
+                theta0_entry = history_entry(0, scores)
+                correct["theta0"] = {name: report["correct"] for name, report in scores.items()}
+            # The same random state at the start of every arm: both sample the same D_1 from theta0.
+            set_seed(callback.config.seed)
+            with phase_logs(PhaseLogHandler(display, title)):
+                trainer.train()
+            last = phase_label(title, callback.config.iterations, callback.config.iterations)
+            display.phase(last, "save G_T")
+            final_model = save_final_model(trainer, callback)
+            display.phase(last, "final eval")
+            # Reloading G_T also empties the engine's prefix cache, as before the callback's eval:
+            # cached keys computed in another batch can flip a near-tied greedy token, and this
+            # eval must give the callback's accuracy, question by question.
+            callback.refresh_sampler()
+            scores = score_sets(callback.sampler, callback.config, greedy_only=True)
+            correct[arm] = {name: report["correct"] for name, report in scores.items()}
+            arms[arm] = {
+                "history": [theta0_entry, *callback.history],
+                "metrics_file": str(callback.output_dir / METRICS_FILE),
+                "final_model": str(final_model),
+                "final_greedy": {
+                    name: {k: v for k, v in report.items() if k != "correct"}
+                    for name, report in scores.items()
+                },
+            }
+            callback.close()  # the engine it started, if any; the shared one is closed below
+            del trainer, callback
+            gc.collect()
+    finally:
+        if sampler is not None:
+            sampler.close()
     display.end_line()
     return theta0_entry, {"arms": arms, "correct": correct}
 

@@ -371,22 +371,20 @@ def evaluate_model(
 ) -> dict[str, dict[str, Any]]:
     """One model's reports on every question set (with per-question verdicts), each printed as
     it is done; the sampler is closed before returning, so that a second vLLM engine can start."""
-    sampler = load_sampler(model_dir, adapter, args.sampler, args.dtype)
     reports = {}
-    for name, questions in question_sets.items():
-        reports[name] = evaluate_question_set(
-            sampler,
-            questions,
-            samples=args.samples,
-            temperature=args.temperature if args.samples > 1 else 0.0,
-            max_new_tokens=max_new_tokens,
-            seed=args.seed,
-            bootstrap=args.bootstrap,
-            per_question=True,
-        )
-        print(format_report_line(name + label, reports[name]), flush=True)
-    if hasattr(sampler, "close"):
-        sampler.close()
+    with load_sampler(model_dir, adapter, args.sampler, args.dtype) as sampler:
+        for name, questions in question_sets.items():
+            reports[name] = evaluate_question_set(
+                sampler,
+                questions,
+                samples=args.samples,
+                temperature=args.temperature if args.samples > 1 else 0.0,
+                max_new_tokens=max_new_tokens,
+                seed=args.seed,
+                bootstrap=args.bootstrap,
+                per_question=True,
+            )
+            print(format_report_line(name + label, reports[name]), flush=True)
     return reports
 
 

@@ -286,18 +286,28 @@ def build_trainer(recipe: Recipe, sampler=None):
     return trainer, callback
 
 
-def run_imm(recipe: Recipe | str | Path, overrides: list[str] | None = None):
-    """Run every IMM iteration of a recipe (an object or a YAML path); returns the callback,
-    whose `history` holds the per-iteration metrics (also in <imm output_dir>/imm_metrics.json)."""
+def run_imm(
+    recipe: Recipe | str | Path, overrides: list[str] | None = None, *, keep_sampler: bool = False
+):
+    """Run every IMM iteration of a recipe (an object, a YAML path or a packaged recipe name);
+    returns the callback, whose `history` holds the per-iteration metrics (also in
+    <imm output_dir>/imm_metrics.json). The sampler's engine is closed at the end, or on an
+    error, unless `keep_sampler` (then `callback.sampler` still samples G_T: close it)."""
     from imm_trl.distributed import whole_parameters
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     trainer, callback = build_trainer(recipe)
-    trainer.train()
-    with whole_parameters(trainer.model, modify=False):  # collective; rank 0 writes
-        if trainer.is_world_process_zero():
-            save_final_model(trainer, callback)
+    try:
+        trainer.train()
+        with whole_parameters(trainer.model, modify=False):  # collective; rank 0 writes
+            if trainer.is_world_process_zero():
+                save_final_model(trainer, callback)
+    except BaseException:
+        callback.close()
+        raise
+    if not keep_sampler:
+        callback.close()
     return callback
 
 
