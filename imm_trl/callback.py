@@ -48,7 +48,6 @@ from imm_trl.checkpoints import (
     RUN_FILE,
     STATE_FILE,
     checkpoint_tensors,
-    is_peft_model,
     iteration_checkpoints,
     merged_state_dict,
     newest_intact_checkpoint,
@@ -66,36 +65,14 @@ from imm_trl.config import IMMConfig
 from imm_trl.distributed import whole_parameters
 from imm_trl.files import remove_stale_staging, write_json_atomically
 from imm_trl.fingerprint import differences, run_fingerprint
-from imm_trl.merging import FullWeightMerger, LoraMerger
+from imm_trl.merging import merger_for
+from imm_trl.merging.quantization import unpack_cpu_4bit_weights
 from imm_trl.sampling.base import as_sampler
 from imm_trl.validation import check_writable_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["METRICS_FILE", "IMMCallback", "unpack_cpu_4bit_weights"]
-
-
-def unpack_cpu_4bit_weights(model) -> int:
-    """Undo bitsandbytes' CPU inference packing of 4-bit weights; returns how many it unpacked.
-
-    On a CPU with avx512_bf16, a `Linear4bit` run in eval mode without grad (as generation
-    does) repacks its weight for a faster CPU kernel and keeps it packed. That kernel has no
-    backward, so training afterwards silently gets zero gradients (bitsandbytes 0.50, measured:
-    grad_norm 0 after one `generate`). Sampling then training is exactly IMM's loop, so the
-    weights are unpacked before every training run and every merge.
-    """
-    try:
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-    except ImportError:
-        return 0
-    unpacked = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-            unpacked += 1
-    return unpacked
 
 
 class NoVerifiedDataError(ValueError):
@@ -170,10 +147,7 @@ class IMMCallback(TrainerCallback):
         merge_config = config.merge_config_for(model)
         self.ratio_candidates = merge_config.ratio if config.auto_ratio else None
         with whole_parameters(model):
-            if is_peft_model(model):
-                self.merger = LoraMerger(model, merge_config, reset_seed=config.seed)
-            else:
-                self.merger = FullWeightMerger(model, merge_config)
+            self.merger = merger_for(model, merge_config, reset_seed=config.seed)
             self.fingerprint = run_fingerprint(trainer, config)
             self.completed_iterations = self._open_output_dir()
         self._sampler_model_dir: Path | None = None
@@ -399,9 +373,9 @@ class IMMCallback(TrainerCallback):
         """Give a sampler with its own copy of the weights (vLLM) the merged model G_t; an HF
         sampler generates with the trainer's model itself and needs nothing."""
         if self.sampler.needs_weight_updates:
-            masters = {t.name: t.master for t in getattr(self.merger, "targets", {}).values() if t.quantized}
             with whole_parameters(self.trainer.model, modify=False):
-                self.sampler.update_weights(merged_state_dict(self.trainer.model, masters))
+                weights = merged_state_dict(self.trainer.model, self.merger.master_tensors())
+                self.sampler.update_weights(weights)
 
     def evaluate(self) -> dict[str, float]:
         """Score every eval set with the current (merged) model: eval/<set>/<metric>."""

@@ -101,3 +101,72 @@ def test_the_sharded_sampler_passes_the_protocol_to_the_wrapped_sampler():
         pass
     assert (inner.updates, inner.closed) == (1, 1)
     assert isinstance(ShardedSampler(GenerateOnly(), None), SamplerBase)
+
+
+# -- Merger ------------------------------------------------------------------------------------
+
+MERGER_METHODS = (
+    "merge", "merged_parameter_names", "state_tensors", "load_state_tensors", "anchor_tensors",
+    "move_anchor_", "load_anchor_tensors", "anchored_weights", "merged_tensors",
+    "load_merged_tensors", "master_tensors", "load_master_tensors",
+)
+
+
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model(seed=0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_dropout=0.0)
+    return get_peft_model(model, config)
+
+
+def full_model():
+    return tiny_model(seed=0)[0]
+
+
+def train_a_little_(model):
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn_like(param))
+
+
+@pytest.mark.parametrize("build", [lora_model, full_model], ids=["LoraMerger", "FullWeightMerger"])
+def test_every_merger_keeps_the_merger_protocol(build):
+    import torch
+
+    from imm_trl.merging import MergeConfig, Merger, merger_for
+
+    torch.manual_seed(0)
+    model = build()
+    merger = merger_for(model, MergeConfig(method="linear", ratio=0.5), reset_seed=0)
+    assert isinstance(merger, Merger)
+    for name in MERGER_METHODS:
+        assert callable(getattr(merger, name)), name
+    names = merger.merged_parameter_names()
+    anchors = {n: t.clone() for n, t in merger.anchor_tensors().items()}
+    assert names and set(anchors) == set(names) and merger.master_tensors() == {}
+
+    train_a_little_(model)
+    before = merger.state_tensors(model)
+    trained = {name: weight.clone() for name, _, weight in merger.anchored_weights(model)}
+    merger.merge(model, iteration=1, reset=True, ratio=None)  # the same call for every merger
+    merged = {name: weight for name, _, weight in merger.anchored_weights(model)}
+    for name in names:  # G_1 = theta0 + 0.5 * (theta_1 - theta0)
+        expected = anchors[name].float() + 0.5 * (trained[name].float() - anchors[name].float())
+        torch.testing.assert_close(merged[name].float(), expected, rtol=0, atol=1e-5)
+    # Undo the merge, then restore it from its merged tensors: the same weights again.
+    after = {n: t.detach().clone() for n, t in merger.merged_tensors(model).items()}
+    merger.load_state_tensors(model, before)
+    restored = {name: weight for name, _, weight in merger.anchored_weights(model)}
+    assert all(torch.equal(restored[n], trained[n]) for n in names)
+    merger.load_merged_tensors(model, after)
+    assert all(torch.equal(merger.merged_tensors(model)[n], after[n]) for n in names)
+    # A moving anchor, and loading anchors back.
+    merger.move_anchor_(model, 0.5)
+    assert any(not torch.equal(merger.anchor_tensors()[n], anchors[n]) for n in names)
+    merger.load_anchor_tensors(anchors)
+    assert all(torch.equal(merger.anchor_tensors()[n], anchors[n]) for n in names)
+    merger.load_master_tensors({})  # nothing quantized: nothing to load
