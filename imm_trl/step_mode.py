@@ -50,6 +50,7 @@ from imm_trl.files import (
     write_json_atomically,
 )
 from imm_trl.merging import MergeConfig, merger_for
+from imm_trl.merging.config import merge_method
 from imm_trl.merging.quantization import unpack_cpu_4bit_weights
 from imm_trl.validation import check_choice, field_default
 
@@ -207,7 +208,7 @@ def is_identity_merge(config: MergeConfig, merge_index: int) -> bool:
     fine-tuning then skips the arithmetic, which would round theta0 + (theta - theta0)."""
     ratio_map = config.ratio_map(merge_index)
     ratios = [ratio_map.default, *(rule.ratio for rule in ratio_map.rules)]
-    return config.method == "linear" and all(r == 1.0 for r in ratios)
+    return merge_method(config.method).keeps_every_element and all(r == 1.0 for r in ratios)
 
 
 def merge_can_overflow(config: MergeConfig, merge_index: int) -> bool:
@@ -215,7 +216,7 @@ def merge_can_overflow(config: MergeConfig, merge_index: int) -> bool:
     or DARE's 1/density rescaling taking it there), so finite inputs could merge to Inf."""
     ratio_map = config.ratio_map(merge_index)
     largest = max([ratio_map.default, *(rule.ratio for rule in ratio_map.rules)])
-    if config.method in ("dare_linear", "dare_ties"):
+    if merge_method(config.method).rescale:
         largest /= config.density
     return largest > 1.0
 

@@ -64,3 +64,17 @@ def test_imm_config_and_rejection_sampling_config_share_their_defaults():
     assert imm.rejection_config(0) == replace(rejection, sampling=replace(rejection.sampling, seed=0))
     assert (imm.temperature, imm.top_p, imm.max_new_tokens) == (0.7, 1.0, 256)  # what users get
     assert rejection.solution_source == "answer"  # None: the gold column
+
+
+def test_the_merge_method_table_describes_every_merge_kernel():
+    from imm_trl.merging import MERGE_METHODS
+    from imm_trl.merging.config import DENSITY_METHODS, METHOD_TABLE, merge_method
+
+    assert tuple(METHOD_TABLE) == MERGE_METHODS
+    assert DENSITY_METHODS == ("dare_linear", "ties", "dare_ties")
+    assert [m for m in MERGE_METHODS if merge_method(m).rescale] == ["dare_linear", "dare_ties"]
+    assert [m for m in MERGE_METHODS if not merge_method(m).elementwise] == ["ties"]
+    assert [m for m in MERGE_METHODS if merge_method(m).in_place] == ["linear", "dare_linear"]
+    assert [m for m in MERGE_METHODS if merge_method(m).keeps_every_element] == ["linear"]
+    with pytest.raises(ValueError, match="unknown merge method 'dare'"):
+        merge_method("dare")

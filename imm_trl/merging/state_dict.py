@@ -17,6 +17,7 @@ from imm_trl.merging.config import (
     check_density_applies,
     check_method,
     check_ratio_patterns,
+    merge_method,
     parse_ratio,
 )
 from imm_trl.merging.functional import merge_into_, merge_tensors
@@ -226,7 +227,7 @@ class FullWeightMerger:
                     compute_dtype=self.config.torch_compute_dtype,
                 )
                 if (
-                    settings["method"] in ("linear", "dare_linear")
+                    merge_method(settings["method"]).in_place
                     and theta0.dtype == param.dtype
                     and param.is_contiguous()
                 ):
