@@ -17,11 +17,11 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from math import comb
 from typing import Any
 
 from datasets import Dataset
 
+from imm_trl.metrics.functional import pass_at_k
 from imm_trl.sampling.base import Sampler, SamplingParams
 from imm_trl.validation import check_dataclass
 from imm_trl.verify import Verdict, Verifier, get_verifier
@@ -175,16 +175,6 @@ class RejectionResult:
     stats: RejectionStats
     example_rows: list[int]  # the question row each dataset example came from
     example_sources: list[str]  # "generated" or "real", per dataset example
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021):
-    1 - C(n-c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
 
 
 def as_messages(question: Any, system_prompt: str | None) -> list[dict[str, str]]:

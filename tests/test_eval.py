@@ -420,7 +420,7 @@ def test_eval_command_against_reports_the_paired_figures(tmp_path, monkeypatch, 
         log.append(f"load {model_dir} {adapter}")
         return ScriptedSampler({0} if model_dir == "a" else set(range(1, 10)), log)
 
-    monkeypatch.setattr("imm_trl.eval.load_sampler", load_scripted)
+    monkeypatch.setattr("imm_trl.eval_cli.load_sampler", load_scripted)
     out = tmp_path / "report.json"
     args = eval_parser().parse_args(
         ["eval", "a", "--against", "b", "--jsonl", str(questions), "--template", "zero_shot"]
