@@ -312,7 +312,7 @@ def check_ratio_patterns(schedule: RatioSchedule, names: Sequence[str], what: st
 
 
 def ratio_for_iteration(schedule: RatioSchedule, iteration: int) -> RatioMap:
-    """The ratio map of IMM iteration `iteration` (1-based, as t in DESIGN.md).
+    """The ratio map of IMM iteration `iteration` (1-based, as t in docs/design.md).
 
     `schedule` is one ratio (number or map) used every iteration, or a list with one entry
     per iteration.
