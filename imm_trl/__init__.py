@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["IMMCallback", "IMMConfig"]
+__all__ = ["IMMCallback", "IMMConfig", "run_imm"]
 
 
 def __getattr__(name):
@@ -15,4 +15,8 @@ def __getattr__(name):
         from imm_trl.callback import IMMCallback
 
         return IMMCallback
+    if name == "run_imm":
+        from imm_trl.loop import run_imm
+
+        return run_imm
     raise AttributeError(f"module 'imm_trl' has no attribute {name!r}")

@@ -48,7 +48,6 @@ from imm_trl.checkpoints import (
     RUN_FILE,
     STATE_FILE,
     checkpoint_tensors,
-    is_peft_model,
     iteration_checkpoints,
     merged_state_dict,
     newest_intact_checkpoint,
@@ -66,36 +65,15 @@ from imm_trl.config import IMMConfig
 from imm_trl.distributed import whole_parameters
 from imm_trl.files import remove_stale_staging, write_json_atomically
 from imm_trl.fingerprint import differences, run_fingerprint
-from imm_trl.merging import FullWeightMerger, LoraMerger
+from imm_trl.merging import merger_for
+from imm_trl.merging.quantization import unpack_cpu_4bit_weights
+from imm_trl.sampling.base import as_sampler
 from imm_trl.trl_compat import score_labelled_positions_only
 from imm_trl.validation import check_writable_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["METRICS_FILE", "IMMCallback", "unpack_cpu_4bit_weights"]
-
-
-def unpack_cpu_4bit_weights(model) -> int:
-    """Undo bitsandbytes' CPU inference packing of 4-bit weights; returns how many it unpacked.
-
-    On a CPU with avx512_bf16, a `Linear4bit` run in eval mode without grad (as generation
-    does) repacks its weight for a faster CPU kernel and keeps it packed. That kernel has no
-    backward, so training afterwards silently gets zero gradients (bitsandbytes 0.50, measured:
-    grad_norm 0 after one `generate`). Sampling then training is exactly IMM's loop, so the
-    weights are unpacked before every training run and every merge.
-    """
-    try:
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-    except ImportError:
-        return 0
-    unpacked = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-            unpacked += 1
-    return unpacked
 
 
 class NoVerifiedDataError(ValueError):
@@ -123,8 +101,10 @@ class IMMCallback(TrainerCallback):
     Args:
         trainer: The `SFTTrainer`, built as usual; its `train_dataset` is replaced by D_t.
         config: The `IMMConfig`.
-        sampler: Any `Sampler`; default the backend `config.sampler` names, over the trainer's
-            model (HF `generate`) or over a vLLM engine started from the model's weights.
+        sampler: Any `Sampler` (an object with only `generate` works too: `as_sampler`);
+            default the backend `config.sampler` names, over the trainer's model (HF
+            `generate`) or over a vLLM engine started from the model's weights. A sampler the
+            callback starts is closed by `close()`; one given to it is the caller's to close.
 
     With `config.merge_every_steps` set (step mode), it merges inside the trainer's own SFT,
     GRPO or RLOO run instead, every N steps (`imm_trl.step_mode`); `sampler` is not used.
@@ -135,6 +115,8 @@ class IMMCallback(TrainerCallback):
     """
 
     step_merging = None  # step mode's engine (`imm_trl.step_mode`), when merge_every_steps is set
+    sampler = None  # iteration mode's `Sampler`
+    _owns_sampler = False  # whether `close` closes it: the callback started it, it was not given
 
     def __init__(self, trainer, config: IMMConfig, sampler=None):
         if config.merge_every_steps is not None:  # step mode: merge inside the trainer's own run
@@ -166,15 +148,13 @@ class IMMCallback(TrainerCallback):
         merge_config = config.merge_config_for(model)
         self.ratio_candidates = merge_config.ratio if config.auto_ratio else None
         with whole_parameters(model):
-            if is_peft_model(model):
-                self.merger = LoraMerger(model, merge_config, reset_seed=config.seed)
-            else:
-                self.merger = FullWeightMerger(model, merge_config)
+            self.merger = merger_for(model, merge_config, reset_seed=config.seed)
             self.fingerprint = run_fingerprint(trainer, config)
             self.completed_iterations = self._open_output_dir()
         self._sampler_model_dir: Path | None = None
         with self.phase("engine start"):
-            self.sampler = sampler or self._default_sampler()
+            self._owns_sampler = sampler is None
+            self.sampler = self._default_sampler() if sampler is None else as_sampler(sampler)
         if trainer.accelerator.num_processes > 1:
             from imm_trl.distributed import ShardedSampler
 
@@ -394,10 +374,10 @@ class IMMCallback(TrainerCallback):
     def refresh_sampler(self) -> None:
         """Give a sampler with its own copy of the weights (vLLM) the merged model G_t; an HF
         sampler generates with the trainer's model itself and needs nothing."""
-        if hasattr(self.sampler, "update_weights"):
-            masters = {t.name: t.master for t in getattr(self.merger, "targets", {}).values() if t.quantized}
+        if self.sampler.needs_weight_updates:
             with whole_parameters(self.trainer.model, modify=False):
-                self.sampler.update_weights(merged_state_dict(self.trainer.model, masters))
+                weights = merged_state_dict(self.trainer.model, self.merger.master_tensors())
+                self.sampler.update_weights(weights)
 
     def evaluate(self) -> dict[str, float]:
         """Score every eval set with the current (merged) model: eval/<set>/<metric>."""
@@ -519,6 +499,12 @@ class IMMCallback(TrainerCallback):
             shutil.rmtree(path)
         for name in (RUN_FILE, METRICS_FILE, RETAIN_FILE):
             (out / name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the sampler the callback started (a vLLM engine); one given to it is the
+        caller's to close. Safe to call twice; `imm_trl.loop.run_imm` calls it."""
+        if self._owns_sampler:
+            self.sampler.close()
 
     def _remove_sampler_model(self) -> None:
         if self._sampler_model_dir is not None and not self.config.keep_sampler_model:

@@ -77,9 +77,7 @@ def checkpoint_tensors(model, merger, moving_anchor: bool = False) -> dict[str, 
     parameters are whole (inside `whole_parameters`)."""
     params = dict(model.named_parameters())
     tensors = {name: params[name] for name in state_parameter_names(model)}
-    for target in getattr(merger, "targets", {}).values():
-        if target.quantized:
-            tensors[MASTER_PREFIX + target.name] = target.master
+    tensors.update({MASTER_PREFIX + name: t for name, t in merger.master_tensors().items()})
     if moving_anchor:
         tensors.update({ANCHOR_PREFIX + name: t for name, t in merger.anchor_tensors().items()})
     return tensors
@@ -89,27 +87,25 @@ def checkpoint_tensors(model, merger, moving_anchor: bool = False) -> dict[str, 
 def restore_checkpoint_tensors(model, merger, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy a checkpoint's tensors (`checkpoint_tensors`) back into the model and the merger's
     master copies (and anchors), in place."""
-    from imm_trl.merging.lora import requantize
-
     anchors = {n.removeprefix(ANCHOR_PREFIX): t for n, t in tensors.items() if n.startswith(ANCHOR_PREFIX)}
     if anchors:
         merger.load_anchor_tensors(anchors)
     tensors = {n: t for n, t in tensors.items() if not n.startswith(ANCHOR_PREFIX)}
     params = dict(model.named_parameters())
-    masters = {t.name: t for t in getattr(merger, "targets", {}).values() if t.quantized}
-    unknown = [n for n in tensors if n not in params and n.removeprefix(MASTER_PREFIX) not in masters]
+    master_names = set(merger.master_tensors())
+    unknown = [n for n in tensors if n not in params and n.removeprefix(MASTER_PREFIX) not in master_names]
     if unknown:
         raise ValueError(
             f"checkpoint {source} holds weights {unknown[:3]} that this model lacks; "
             "resume with the same model and LoRA configuration"
         )
+    masters = {}
     for name, tensor in tensors.items():
         if name.startswith(MASTER_PREFIX):
-            target = masters[name.removeprefix(MASTER_PREFIX)]
-            target.master.copy_(tensor)
-            requantize(target.base_layer, target.master)
+            masters[name.removeprefix(MASTER_PREFIX)] = tensor
         else:
             params[name].copy_(tensor)
+    merger.load_master_tensors(masters)
 
 
 def merged_state_dict(model, masters: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -120,7 +116,7 @@ def merged_state_dict(model, masters: dict[str, torch.Tensor] | None = None) -> 
     and it adds nothing) without the LoRA factors, `modules_to_save` by their trained copy, and
     each bitsandbytes-quantized weight by its master copy from `masters` (else dequantized).
     """
-    from imm_trl.merging.lora import dequantize, is_quantized
+    from imm_trl.merging.quantization import dequantize, is_quantized
 
     if not is_peft_model(model):
         return {name: param.detach() for name, param in model.named_parameters()}

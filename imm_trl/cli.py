@@ -81,8 +81,8 @@ def _add_merge_parser(commands) -> None:
 LAZY_COMMANDS = (
     ("demo", "imm_trl.demo", "add_demo_parser"),
     ("run", "imm_trl.loop", "add_run_parser"),
-    ("eval", "imm_trl.eval", "add_eval_parser"),
-    ("analyze", "imm_trl.analysis", "add_analyze_parser"),
+    ("eval", "imm_trl.eval_cli", "add_eval_parser"),
+    ("analyze", "imm_trl.analysis_cli", "add_analyze_parser"),
 )
 
 

@@ -15,10 +15,23 @@ from imm_trl.adaptive import (
 )
 from imm_trl.merging import MergeConfig
 from imm_trl.merging.config import check_density_applies, default_density, expand_depth_rules
-from imm_trl.rejection import RejectionSamplingConfig, check_questions
+from imm_trl.rejection import SHARED_DEFAULTS, RejectionSamplingConfig, check_questions
 from imm_trl.sampling import SamplingParams
 from imm_trl.validation import check_choice, check_dataclass, check_values, check_writable_dir
 from imm_trl.verify import check_verifier
+
+# The settings IMMConfig hands to RejectionSamplingConfig under the same name (the sampling
+# ones go in its `sampling`).
+REJECTION_FIELDS = (
+    "samples_per_question",
+    "max_correct_per_question",
+    "real_data_ratio",
+    "verifier",
+    "question_column",
+    "gold_column",
+    "solution_column",
+    "system_prompt",
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's own settings (arXiv 2503.02103): DARE with drop 0.2, equal-weight average
@@ -105,21 +118,27 @@ class IMMConfig:
         },
     )
     samples_per_question: int = field(
-        default=4, metadata={"help": "k: completions sampled per training question."}
+        default=SHARED_DEFAULTS.samples_per_question,
+        metadata={"help": "k: completions sampled per training question."},
     )
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 = greedy."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per sampled answer."})
+    temperature: float = field(
+        default=SHARED_DEFAULTS.temperature, metadata={"help": "Sampling temperature; 0 = greedy."}
+    )
+    top_p: float = field(default=SHARED_DEFAULTS.top_p, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(
+        default=SHARED_DEFAULTS.max_new_tokens, metadata={"help": "Most tokens per sampled answer."}
+    )
     stop: list[str] = field(default_factory=list, metadata={"help": "Stop strings for sampling."})
     verifier: Any = field(
-        default="gsm8k",
+        default=SHARED_DEFAULTS.verifier,
         metadata={"help": "gsm8k, math, choice or reasoning_gym:<task> (or a reward callable)."},
     )
     max_correct_per_question: int | None = field(
-        default=None, metadata={"help": "Keep at most this many verified answers per question."}
+        default=SHARED_DEFAULTS.max_correct_per_question,
+        metadata={"help": "Keep at most this many verified answers per question."},
     )
     real_data_ratio: float = field(
-        default=0.0,
+        default=SHARED_DEFAULTS.real_data_ratio,
         metadata={"help": "Share of D_t made of gold (real) solutions, in [0, 1)."},
     )
     sampler: str = field(default="hf", metadata={"help": "Sampling backend: hf or vllm."})
@@ -132,18 +151,22 @@ class IMMConfig:
         metadata={"help": "In-domain training questions: a Dataset or list of rows."},
     )
     question_column: str = field(
-        default="question", metadata={"help": "Column with the question (text or chat messages)."}
+        default=SHARED_DEFAULTS.question_column,
+        metadata={"help": "Column with the question (text or chat messages)."},
     )
-    gold_column: str = field(default="answer", metadata={"help": "Column with the gold answer."})
+    gold_column: str = field(
+        default=SHARED_DEFAULTS.gold_column, metadata={"help": "Column with the gold answer."}
+    )
     solution_column: str | None = field(
-        default=None,
+        default=SHARED_DEFAULTS.solution_column,
         metadata={
             "help": "Column with gold worked solutions for real_data_ratio > 0 (task suites: "
             "'solution'); None uses gold_column, as in GSM8K where the gold is the solution."
         },
     )
     system_prompt: str | None = field(
-        default=None, metadata={"help": "System message put before text questions."}
+        default=SHARED_DEFAULTS.system_prompt,
+        metadata={"help": "System message put before text questions."},
     )
     eval_sets: dict[str, Any] = field(
         default_factory=dict,
@@ -361,15 +384,9 @@ class IMMConfig:
     def rejection_config(self, iteration: int) -> RejectionSamplingConfig:
         """Rejection-sampling settings of iteration `iteration`; its own seed, so a resumed
         run samples what an uninterrupted one would have."""
+        shared = {name: getattr(self, name) for name in REJECTION_FIELDS}
         return RejectionSamplingConfig(
-            samples_per_question=self.samples_per_question,
-            max_correct_per_question=self.max_correct_per_question,
-            real_data_ratio=self.real_data_ratio,
-            verifier=self.verifier,
-            question_column=self.question_column,
-            gold_column=self.gold_column,
-            solution_column=self.solution_column or self.gold_column,
-            system_prompt=self.system_prompt,
+            **shared,
             sampling=SamplingParams(
                 temperature=self.temperature,
                 top_p=self.top_p,

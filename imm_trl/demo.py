@@ -4,9 +4,10 @@
     imm-trl demo --quick         # a minute-scale budget (what the integration tests run)
     imm-trl demo --imm.merge_ratio 0.7 --sft.learning_rate 1e-4   # any recipe value, dotted
 
-It runs the default recipe (`recipes/default.yaml`, built here in code so a non-editable install
-needs no repository files) with a small budget, twice from the same base model theta0, on the
-same questions with the same seeds, one arm after the other through the same code path
+It runs the packaged default recipe (`imm_trl/recipes/default.yaml`, package data, so a
+non-editable install has it too) with a smaller budget (`demo_recipe`), twice from the same
+base model theta0, on the same questions with the same seeds, one arm after the other through
+the same code path
 (`SFTTrainer` + `IMMCallback`, as `imm_trl.loop.run_imm` builds them):
 
 - self-improvement: the `self_improve` preset, G_t = theta0 + 1.0 * (theta_t - theta0), i.e.
@@ -48,41 +49,6 @@ from typing import Any, TextIO
 
 from imm_trl.files import write_atomically
 from imm_trl.plots import new_figure, save_png
-
-# recipes/default.yaml, value for value (tests/test_demo_report.py checks they agree).
-DEFAULT_RECIPE: dict[str, Any] = {
-    "model": {"name_or_path": "default", "dtype": "float32"},
-    "data": {"suite": "default", "n_train": 200, "n_eval": 100, "seed": 0},
-    "peft": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
-    "sft": {
-        "output_dir": "runs/default",
-        "num_train_epochs": 1,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 2.0e-4,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.03,
-        "max_length": 512,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "logging_steps": 5,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 0,
-    },
-    "imm": {
-        "iterations": 3,
-        "merge_method": "linear",
-        "merge_ratio": 0.5,
-        "density": 1.0,
-        "samples_per_question": 4,
-        "temperature": 0.7,
-        "max_new_tokens": 16,
-        "max_correct_per_question": 2,
-        "sampler": "vllm",
-        "sampler_kwargs": {"show_progress": False},
-        "seed": 0,
-    },
-}
 
 # The arms, in the order they run: directory name -> how tables and plots call it.
 ARMS: dict[str, str] = {"self_improve": "self-improve", "imm": "IMM"}
@@ -162,8 +128,9 @@ def demo_recipe(config: DemoConfig) -> dict[str, Any]:
     """The raw default recipe with the demo's budget (then `config.overrides`) applied: the
     IMM arm's recipe."""
     from imm_trl.loop import apply_overrides
+    from imm_trl.recipes import read_recipe
 
-    raw = copy.deepcopy(DEFAULT_RECIPE)
+    raw = read_recipe("default")
     raw["data"].update(n_train=config.n_train, n_eval=config.n_eval, seed=config.seed)
     raw["sft"].update(output_dir=str(run_dir(config)), seed=config.seed, logging_steps=1)
     if config.max_steps is not None:
@@ -605,48 +572,49 @@ def run_arms(
     display.phase(THETA0, "engine start")
     sampler = start_shared_sampler(first, display)
     theta0_entry, arms, correct = None, {}, {}
-    for index, (arm, recipe) in enumerate(recipes.items()):
-        title = _arm_title(arm)
-        # theta0's line tells everything about theta0, the first arm's model load included.
-        display.phase(THETA0 if index == 0 else title, "load")
-        trainer, callback = build_arm(recipe, sampler, display, verbose)
-        if index > 0:
-            display.phase(title, "sampler refresh")
-            callback.refresh_sampler()  # the shared engine holds the last arm's G_T: theta0 again
-        if theta0_entry is None:
-            display.phase(THETA0, "eval")
-            scores = score_sets(callback.sampler, callback.config, greedy_only=False)
-            theta0_entry = history_entry(0, scores)
-            correct["theta0"] = {name: report["correct"] for name, report in scores.items()}
-        # The same random state at the start of every arm: both sample the same D_1 from theta0.
-        set_seed(callback.config.seed)
-        with phase_logs(PhaseLogHandler(display, title)):
-            trainer.train()
-        last = phase_label(title, callback.config.iterations, callback.config.iterations)
-        display.phase(last, "save G_T")
-        final_model = save_final_model(trainer, callback)
-        display.phase(last, "final eval")
-        # Reloading G_T also empties the engine's prefix cache, as before the callback's eval:
-        # cached keys computed in another batch can flip a near-tied greedy token, and this
-        # eval must give the callback's accuracy, question by question.
-        callback.refresh_sampler()
-        scores = score_sets(callback.sampler, callback.config, greedy_only=True)
-        correct[arm] = {name: report["correct"] for name, report in scores.items()}
-        arms[arm] = {
-            "history": [theta0_entry, *callback.history],
-            "metrics_file": str(callback.output_dir / METRICS_FILE),
-            "final_model": str(final_model),
-            "final_greedy": {
-                name: {k: v for k, v in report.items() if k != "correct"}
-                for name, report in scores.items()
-            },
-        }
-        if sampler is None and hasattr(callback.sampler, "close"):
-            callback.sampler.close()
-        del trainer, callback
-        gc.collect()
-    if sampler is not None:
-        sampler.close()
+    try:
+        for index, (arm, recipe) in enumerate(recipes.items()):
+            title = _arm_title(arm)
+            # theta0's line tells everything about theta0, the first arm's model load included.
+            display.phase(THETA0 if index == 0 else title, "load")
+            trainer, callback = build_arm(recipe, sampler, display, verbose)
+            if index > 0:
+                display.phase(title, "sampler refresh")
+                callback.refresh_sampler()  # the shared engine holds the last arm's G_T: theta0 again
+            if theta0_entry is None:
+                display.phase(THETA0, "eval")
+                scores = score_sets(callback.sampler, callback.config, greedy_only=False)
+                theta0_entry = history_entry(0, scores)
+                correct["theta0"] = {name: report["correct"] for name, report in scores.items()}
+            # The same random state at the start of every arm: both sample the same D_1 from theta0.
+            set_seed(callback.config.seed)
+            with phase_logs(PhaseLogHandler(display, title)):
+                trainer.train()
+            last = phase_label(title, callback.config.iterations, callback.config.iterations)
+            display.phase(last, "save G_T")
+            final_model = save_final_model(trainer, callback)
+            display.phase(last, "final eval")
+            # Reloading G_T also empties the engine's prefix cache, as before the callback's eval:
+            # cached keys computed in another batch can flip a near-tied greedy token, and this
+            # eval must give the callback's accuracy, question by question.
+            callback.refresh_sampler()
+            scores = score_sets(callback.sampler, callback.config, greedy_only=True)
+            correct[arm] = {name: report["correct"] for name, report in scores.items()}
+            arms[arm] = {
+                "history": [theta0_entry, *callback.history],
+                "metrics_file": str(callback.output_dir / METRICS_FILE),
+                "final_model": str(final_model),
+                "final_greedy": {
+                    name: {k: v for k, v in report.items() if k != "correct"}
+                    for name, report in scores.items()
+                },
+            }
+            callback.close()  # the engine it started, if any; the shared one is closed below
+            del trainer, callback
+            gc.collect()
+    finally:
+        if sampler is not None:
+            sampler.close()
     display.end_line()
     return theta0_entry, {"arms": arms, "correct": correct}
 

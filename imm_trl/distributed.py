@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from imm_trl.sampling.base import Prompt, SamplingParams
+from imm_trl.sampling.base import Prompt, SamplerBase, SamplingParams, as_sampler
 
 
 def shard_indices(count: int, rank: int, world_size: int) -> list[int]:
@@ -38,7 +38,7 @@ def unshard(per_rank: Sequence[Sequence], count: int) -> list:
     return ordered
 
 
-class ShardedSampler:
+class ShardedSampler(SamplerBase):
     """A `Sampler` that generates for this process's share of the prompts and gathers the rest.
 
     Args:
@@ -47,11 +47,21 @@ class ShardedSampler:
     """
 
     def __init__(self, sampler, accelerator):
-        self.sampler = sampler
+        self.sampler = as_sampler(sampler)
         self.accelerator = accelerator
 
-    def __getattr__(self, name):  # update_weights, stats, close ... of the wrapped sampler
+    def __getattr__(self, name):  # stats, restart, ... of the wrapped sampler
         return getattr(self.sampler, name)
+
+    @property
+    def needs_weight_updates(self) -> bool:
+        return self.sampler.needs_weight_updates
+
+    def update_weights(self, weights) -> float:
+        return self.sampler.update_weights(weights)
+
+    def close(self) -> None:
+        self.sampler.close()
 
     def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
         from accelerate.utils import gather_object

@@ -134,7 +134,7 @@ def check_recipe_mapping(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(
             f"recipe must be a mapping with sections {', '.join(SECTIONS)} (got a "
-            f"{type(raw).__name__}: {str(raw)[:60]!r}); see recipes/default.yaml"
+            f"{type(raw).__name__}: {str(raw)[:60]!r}); see imm_trl/recipes/default.yaml"
         )
     return raw
 
@@ -195,14 +195,11 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"recipe file {str(path)!r} does not exist; check the --config path"
-        )
-    raw = yaml.safe_load(path.read_text())
-    return parse_recipe(apply_overrides({} if raw is None else raw, overrides or []))
+    """Read, override and validate a recipe: a YAML path or the name of a packaged recipe
+    (`default`, `paper`, ...: `imm_trl.recipes`)."""
+    from imm_trl.recipes import read_recipe
+
+    return parse_recipe(apply_overrides(read_recipe(path), overrides or []))
 
 
 def load_questions(data: DataArguments):
@@ -289,18 +286,28 @@ def build_trainer(recipe: Recipe, sampler=None):
     return trainer, callback
 
 
-def run_imm(recipe: Recipe | str | Path, overrides: list[str] | None = None):
-    """Run every IMM iteration of a recipe (an object or a YAML path); returns the callback,
-    whose `history` holds the per-iteration metrics (also in <imm output_dir>/imm_metrics.json)."""
+def run_imm(
+    recipe: Recipe | str | Path, overrides: list[str] | None = None, *, keep_sampler: bool = False
+):
+    """Run every IMM iteration of a recipe (an object, a YAML path or a packaged recipe name);
+    returns the callback, whose `history` holds the per-iteration metrics (also in
+    <imm output_dir>/imm_metrics.json). The sampler's engine is closed at the end, or on an
+    error, unless `keep_sampler` (then `callback.sampler` still samples G_T: close it)."""
     from imm_trl.distributed import whole_parameters
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     trainer, callback = build_trainer(recipe)
-    trainer.train()
-    with whole_parameters(trainer.model, modify=False):  # collective; rank 0 writes
-        if trainer.is_world_process_zero():
-            save_final_model(trainer, callback)
+    try:
+        trainer.train()
+        with whole_parameters(trainer.model, modify=False):  # collective; rank 0 writes
+            if trainer.is_world_process_zero():
+                save_final_model(trainer, callback)
+    except BaseException:
+        callback.close()
+        raise
+    if not keep_sampler:
+        callback.close()
     return callback
 
 
@@ -317,7 +324,12 @@ def add_run_parser(commands) -> None:
         help="run IMM from a recipe YAML; --<section>.<key> VALUE flags override it",
         description=__doc__,
     )
-    run.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    run.add_argument(
+        "--config",
+        required=True,
+        help="a recipe YAML file, or the name of a packaged recipe (default, paper, lora_1b5, "
+        "qlora_8b, zero3_vllm_7b)",
+    )
     run.set_defaults(func=_run, accepts_overrides=True)
 
 

@@ -17,14 +17,45 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from math import comb
 from typing import Any
 
 from datasets import Dataset
 
+from imm_trl.metrics.functional import pass_at_k
 from imm_trl.sampling.base import Sampler, SamplingParams
 from imm_trl.validation import check_dataclass
 from imm_trl.verify import Verdict, Verifier, get_verifier
+
+
+@dataclass(frozen=True)
+class SharedDefaults:
+    """The defaults `IMMConfig` and `RejectionSamplingConfig` share: both dataclasses read them
+    from `SHARED_DEFAULTS`, so they cannot drift apart. They are `IMMConfig`'s (what users of
+    the callback get); `solution_column=None` means "the gold column"."""
+
+    samples_per_question: int = 4
+    max_correct_per_question: int | None = None
+    real_data_ratio: float = 0.0
+    verifier: str = "gsm8k"
+    question_column: str = "question"
+    gold_column: str = "answer"
+    solution_column: str | None = None
+    system_prompt: str | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+SHARED_DEFAULTS = SharedDefaults()
+
+
+def default_sampling() -> SamplingParams:
+    """The sampling parameters of `SHARED_DEFAULTS`."""
+    return SamplingParams(
+        temperature=SHARED_DEFAULTS.temperature,
+        top_p=SHARED_DEFAULTS.top_p,
+        max_new_tokens=SHARED_DEFAULTS.max_new_tokens,
+    )
 
 
 @dataclass
@@ -32,24 +63,26 @@ class RejectionSamplingConfig:
     """Everything `RejectionSampler` reads."""
 
     samples_per_question: int = field(
-        default=4, metadata={"help": "k: samples drawn per question."}
+        default=SHARED_DEFAULTS.samples_per_question,
+        metadata={"help": "k: samples drawn per question."},
     )
     max_correct_per_question: int | None = field(
-        default=None, metadata={"help": "m: keep at most this many correct samples per question."}
+        default=SHARED_DEFAULTS.max_correct_per_question,
+        metadata={"help": "m: keep at most this many correct samples per question."},
     )
     drop_duplicates: bool = field(
         default=True,
         metadata={"help": "Keep one copy of completions identical after stripping whitespace."},
     )
     real_data_ratio: float = field(
-        default=0.0,
+        default=SHARED_DEFAULTS.real_data_ratio,
         metadata={
             "help": "Share of the returned dataset made of gold (real) solutions from "
             "`solution_column`, in [0, 1); 0 returns generated solutions only."
         },
     )
     verifier: str | Callable | Verifier = field(
-        default="gsm8k",
+        default=SHARED_DEFAULTS.verifier,
         metadata={
             "help": "gsm8k, math, choice, reasoning_gym:<task>, or a TRL reward function "
             "f(completions, **columns) -> list[float]."
@@ -70,27 +103,37 @@ class RejectionSamplingConfig:
         },
     )
     question_column: str = field(
-        default="question",
+        default=SHARED_DEFAULTS.question_column,
         metadata={"help": "Column with the question: a string or a list of chat messages."},
     )
     gold_column: str = field(
-        default="answer", metadata={"help": "Column with the gold answer the verifier checks."}
+        default=SHARED_DEFAULTS.gold_column,
+        metadata={"help": "Column with the gold answer the verifier checks."},
     )
     solution_column: str | None = field(
-        default="answer",
-        metadata={"help": "Column with a gold worked solution, used for real-data mixing."},
+        default=SHARED_DEFAULTS.solution_column,
+        metadata={
+            "help": "Column with a gold worked solution, used for real-data mixing; None uses "
+            "gold_column (GSM8K's gold answer is its solution)."
+        },
     )
     system_prompt: str | None = field(
-        default=None, metadata={"help": "System message put before string questions."}
+        default=SHARED_DEFAULTS.system_prompt,
+        metadata={"help": "System message put before string questions."},
     )
     sampling: SamplingParams = field(
-        default_factory=lambda: SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=512),
+        default_factory=default_sampling,
         metadata={"help": "Sampling parameters for every question."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for sampling and real-data mixing."})
 
     def __post_init__(self):
         check_dataclass(self)
+
+    @property
+    def solution_source(self) -> str:
+        """The column real-data mixing takes gold solutions from."""
+        return self.solution_column or self.gold_column
 
 
 @dataclass
@@ -132,16 +175,6 @@ class RejectionResult:
     stats: RejectionStats
     example_rows: list[int]  # the question row each dataset example came from
     example_sources: list[str]  # "generated" or "real", per dataset example
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021):
-    1 - C(n-c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
 
 
 def as_messages(question: Any, system_prompt: str | None) -> list[dict[str, str]]:
@@ -322,7 +355,7 @@ class RejectionSampler:
 
         for row_id in self._real_rows(rows, usable, len(examples)):
             prompt = as_messages(rows[row_id][config.question_column], config.system_prompt)
-            solution = str(rows[row_id][config.solution_column])
+            solution = str(rows[row_id][config.solution_source])
             examples.append(
                 {"prompt": prompt, "completion": [{"role": "assistant", "content": solution}]}
             )
@@ -384,9 +417,9 @@ class RejectionSampler:
     def _real_rows(self, rows, usable, generated: int) -> list[int]:
         config = self.config
         wanted = real_examples_needed(generated, config.real_data_ratio)
-        if not wanted or config.solution_column is None:
+        if not wanted:
             return []
-        candidates = [r for r in usable if rows[r].get(config.solution_column)]
+        candidates = [r for r in usable if rows[r].get(config.solution_source)]
         random.Random(config.seed).shuffle(candidates)
         return sorted(candidates[:wanted])
 

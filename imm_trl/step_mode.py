@@ -49,8 +49,9 @@ from imm_trl.files import (
     write_atomically,
     write_json_atomically,
 )
-from imm_trl.merging import FullWeightMerger, LoraMerger, MergeConfig
-from imm_trl.merging.state_dict import view_key
+from imm_trl.merging import MergeConfig, merger_for
+from imm_trl.merging.config import merge_method
+from imm_trl.merging.quantization import unpack_cpu_4bit_weights
 from imm_trl.validation import check_choice, field_default
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def is_identity_merge(config: MergeConfig, merge_index: int) -> bool:
     fine-tuning then skips the arithmetic, which would round theta0 + (theta - theta0)."""
     ratio_map = config.ratio_map(merge_index)
     ratios = [ratio_map.default, *(rule.ratio for rule in ratio_map.rules)]
-    return config.method == "linear" and all(r == 1.0 for r in ratios)
+    return merge_method(config.method).keeps_every_element and all(r == 1.0 for r in ratios)
 
 
 def merge_can_overflow(config: MergeConfig, merge_index: int) -> bool:
@@ -215,7 +216,7 @@ def merge_can_overflow(config: MergeConfig, merge_index: int) -> bool:
     or DARE's 1/density rescaling taking it there), so finite inputs could merge to Inf."""
     ratio_map = config.ratio_map(merge_index)
     largest = max([ratio_map.default, *(rule.ratio for rule in ratio_map.rules)])
-    if config.method in ("dare_linear", "dare_ties"):
+    if merge_method(config.method).rescale:
         largest /= config.density
     return largest > 1.0
 
@@ -224,31 +225,14 @@ def merge_can_overflow(config: MergeConfig, merge_index: int) -> bool:
 
 
 def theta0_tensors(merger) -> dict[str, torch.Tensor]:
-    """theta0 of every weight the merger writes, by name."""
-    if isinstance(merger, LoraMerger):
-        tensors = {t.name: t.theta0 for t in merger.targets.values()}
-        tensors.update({s.name: s.theta0 for s in merger.saved_modules})
-        return tensors
-    return dict(merger._theta0)
+    """theta0 of every weight the merger writes, by name (step mode never moves the anchor)."""
+    return merger.anchor_tensors()
 
 
 def effective_weights(model, merger) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, theta0, weight the model computes with) for every weight the merger writes; for
     LoRA the base (or QLoRA master) plus the adapter's delta."""
-    if isinstance(merger, LoraMerger):
-        for target in merger.targets.values():
-            base = target.master if target.quantized else target.base_layer.weight.detach()
-            delta = sum(layer.get_delta_weight(merger.adapter).float() for layer in target.layers)
-            yield target.name, target.theta0, base.float() + delta
-        for saved in merger.saved_modules:
-            yield saved.name, saved.theta0, saved.trained.detach()
-        return
-    seen = set()
-    for name, param in model.named_parameters():
-        if (key := view_key(param)) in seen:
-            continue
-        seen.add(key)
-        yield name, merger._theta0[name], param.detach()
+    return merger.anchored_weights(model)
 
 
 @torch.no_grad()
@@ -262,31 +246,6 @@ def distance_to_theta0(weights) -> tuple[float, list[str]]:
         difference = current.float() - theta0.to(current.device).float()
         total += torch.linalg.vector_norm(difference, dtype=torch.float64).item() ** 2
     return math.sqrt(total), nonfinite
-
-
-def written_tensors(model, merger) -> list[torch.Tensor]:
-    """Every tensor a merge overwrites (what a rollback must restore)."""
-    if not isinstance(merger, LoraMerger):
-        return list({view_key(p): p.data for p in model.parameters()}.values())
-    tensors = [
-        t.master if t.quantized else t.base_layer.weight.data for t in merger.targets.values()
-    ]
-    tensors += [s.original.data for s in merger.saved_modules] + [
-        s.trained.data for s in merger.saved_modules
-    ]
-    return tensors + [p.data for p in model.parameters() if p.requires_grad]  # the adapter, reset
-
-
-@torch.no_grad()
-def restore_written_(model, merger, snapshot: list[torch.Tensor]) -> None:
-    """Put back a snapshot of `written_tensors` (re-quantizing QLoRA layers from their masters)."""
-    from imm_trl.merging.lora import requantize
-
-    for tensor, saved in zip(written_tensors(model, merger), snapshot, strict=True):
-        tensor.copy_(saved)
-    for target in getattr(merger, "targets", {}).values():
-        if target.quantized:
-            requantize(target.base_layer, target.master)
 
 
 def clear_optimizer_state(optimizer, params) -> int:
@@ -356,7 +315,6 @@ class StepMerging:
     """
 
     def __init__(self, trainer, config):
-        from imm_trl.callback import unpack_cpu_4bit_weights
 
         check_supported_trainer(trainer)
         self.trainer, self.config = trainer, config
@@ -370,10 +328,7 @@ class StepMerging:
         self.is_lora = is_peft_model(model)
         unpack_cpu_4bit_weights(model)  # theta0 must be read from plain 4-bit weights
         with whole_parameters(model):
-            if self.is_lora:
-                self.merger = LoraMerger(model, config.merge_config_for(model), reset_seed=config.seed)
-            else:
-                self.merger = FullWeightMerger(model, config.merge_config_for(model))
+            self.merger = merger_for(model, config.merge_config_for(model), reset_seed=config.seed)
             bad = [
                 name
                 for name, t in theta0_tensors(self.merger).items()
@@ -453,7 +408,6 @@ class StepMerging:
         state it invalidates, move a 'merged' KL reference, force the next generation to load
         the weights, and record the metrics. Raises (weights left as they were) if theta or
         the merged weights are not finite."""
-        from imm_trl.callback import unpack_cpu_4bit_weights
 
         trainer, model, index = self.trainer, self.trainer.model, self.merge_count + 1
         start = time.perf_counter()
@@ -502,15 +456,12 @@ class StepMerging:
             return before
         snapshot = None
         if merge_can_overflow(self.merger.config, index):
-            snapshot = [t.detach().clone() for t in written_tensors(model, self.merger)]
-        if self.is_lora:
-            self.merger.merge(model, iteration=index, reset=True)
-        else:
-            self.merger.merge(model, iteration=index)
+            snapshot = self.merger.state_tensors(model)
+        self.merger.merge(model, iteration=index, reset=True)
         after, nonfinite = distance_to_theta0(effective_weights(model, self.merger))
         if nonfinite:
             if snapshot is not None:
-                restore_written_(model, self.merger, snapshot)
+                self.merger.load_state_tensors(model, snapshot)
             raise FloatingPointError(
                 f"merge {index} overflowed to NaN/Inf in {nonfinite[:3]} (a ratio above 1, or DARE's "
                 f"1/density rescaling); the weights were "
@@ -579,7 +530,7 @@ class StepMerging:
                 with staging_directory(directory) as staging:
                     link_or_copy(theta0_file, staging / THETA0_FILE)
                     if self.is_lora:
-                        save_file(savable(self.merged_base()), staging / MERGED_BASE_FILE)
+                        save_file(savable(self.merger.merged_tensors(trainer.model)), staging / MERGED_BASE_FILE)
                     if (
                         self.merge_count
                         and self.config.reference == "merged"
@@ -612,22 +563,10 @@ class StepMerging:
             self._theta0_file_written = True
         return path
 
-    def merged_base(self) -> dict[str, torch.Tensor]:
-        """LoRA: G of every weight the merger writes (base or QLoRA master; modules_to_save's
-        original copy), which the trainer's adapter-only checkpoint does not hold."""
-        tensors = {
-            t.name: t.master if t.quantized else t.base_layer.weight
-            for t in self.merger.targets.values()
-        }
-        tensors.update({s.name: s.original for s in self.merger.saved_modules})
-        return tensors
-
     @torch.no_grad()
     def restore(self, directory: Path) -> None:
         """Continue the run saved in `directory` (at `on_train_begin` of a resumed run, after the
         trainer restored theta): its theta0, merge count, merged base weights and reference."""
-        from imm_trl.merging.lora import requantize
-
         state_file = directory / STEP_STATE_FILE
         if not state_file.is_file():
             raise FileNotFoundError(
@@ -646,16 +585,9 @@ class StepMerging:
         model, trainer = self.trainer.model, self.trainer
         with whole_parameters(model):
             self._restore_theta0(load_file(directory / THETA0_FILE), directory)
-            if self.is_lora:
+            if self.is_lora:  # the trainer's adapter-only checkpoint lacks the merged base
                 merged = load_file(directory / MERGED_BASE_FILE)
-                for target in self.merger.targets.values():
-                    if target.quantized:
-                        target.master.copy_(merged[target.name])
-                        requantize(target.base_layer, target.master)
-                    else:
-                        target.base_layer.weight.copy_(merged[target.name])
-                for module in self.merger.saved_modules:
-                    module.original.copy_(merged[module.name])
+                self.merger.load_merged_tensors(model, merged)
         if (directory / REFERENCE_FILE).is_file() and self.reference_kind == "ref_model":
             reference = trainer.accelerator.unwrap_model(trainer.ref_model)
             tensors = load_file(directory / REFERENCE_FILE)
@@ -691,13 +623,4 @@ class StepMerging:
             len(differing),
             differing[0],
         )
-        for name in differing:
-            if self.is_lora:
-                owner = next(
-                    t
-                    for t in [*self.merger.targets.values(), *self.merger.saved_modules]
-                    if t.name == name
-                )
-                owner.theta0 = saved[name]
-            else:
-                self.merger._theta0[name] = saved[name]
+        self.merger.load_anchor_tensors({**current, **{name: saved[name] for name in differing}})

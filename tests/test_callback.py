@@ -56,7 +56,7 @@ def dense_weights(model) -> dict[str, torch.Tensor]:
     """theta as the model computes with it: base weight plus the LoRA delta, by HF name."""
     from peft.tuners.lora import LoraLayer
 
-    from imm_trl.merging.lora import dequantize
+    from imm_trl.merging.quantization import dequantize
 
     if not hasattr(model, "peft_config"):
         return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -216,25 +216,27 @@ def test_resume_after_a_kill_in_iteration_two_matches_an_uninterrupted_run(tmp_p
 def test_qlora_follows_the_imm_formula_on_the_master_weights(tmp_path):
     """QLoRA: G_t lives in bf16 master copies (the 4-bit weights are their rounding), so the
     formula holds on the masters, and the 4-bit layers are re-quantized from them."""
-    from imm_trl.merging.lora import dequantize
+    from imm_trl.merging.quantization import dequantize
 
     trainer, _, recorder = user_script(tmp_path, imm_config(tmp_path), load_in_4bit=True)
     imm = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, IMMCallback))
-    targets = list(imm.merger.targets.values())
-    assert targets and all(t.quantized for t in targets)
+    masters, anchors = imm.merger.master_tensors(), imm.merger.anchor_tensors()
+    assert masters and set(masters) == set(imm.merger.merged_parameter_names())  # all quantized
     assert len(recorder.sft_weights) == 2
 
+    base_model = trainer.model.get_base_model()
     changed = 0
-    for target in targets:
-        theta0 = target.theta0.float()
-        g_1, delta_2 = recorder.sft_weights[1][target.name]  # master and adapter delta at SFT end
+    for name, master in masters.items():
+        theta0 = anchors[name].float()
+        g_1, delta_2 = recorder.sft_weights[1][name]  # master and adapter delta at SFT end
         expected = (theta0 + ALPHA * (g_1 + delta_2 - theta0)).to(torch.bfloat16)
-        torch.testing.assert_close(target.master, expected, rtol=0, atol=0, msg=target.name)
-        changed += not torch.equal(target.master, target.theta0)
+        torch.testing.assert_close(master, expected, rtol=0, atol=0, msg=name)
+        changed += not torch.equal(master, anchors[name])
         # The live 4-bit weight is NF4 of the master (error below a block's absmax/8), not the
         # accumulation of two iterations of rounding.
-        error = (dequantize(target.base_layer).float() - target.master.float()).abs().max()
-        assert error < target.master.float().abs().max() / 8, target.name
+        layer = base_model.get_submodule(name.removesuffix(".weight")).get_base_layer()
+        error = (dequantize(layer).float() - master.float()).abs().max()
+        assert error < master.float().abs().max() / 8, name
     assert changed > 0, "training changed nothing; the test would prove nothing"
     for begin in recorder.at_begin:
         assert begin["lora_b_max"] == 0.0 and begin["optimizer_state"] == 0

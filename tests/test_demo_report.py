@@ -1,4 +1,4 @@
-"""`imm-trl demo` without running it: the in-code recipe is recipes/default.yaml, the two arms
+"""`imm-trl demo` without running it: it reads the packaged default recipe, the two arms
 differ only by the merge, and the side-by-side table, the paired comparisons and the report
 files show a synthetic history's numbers."""
 
@@ -12,7 +12,6 @@ import yaml
 
 from imm_trl.demo import (
     CONSOLE_COLUMNS,
-    DEFAULT_RECIPE,
     QUICK,
     THETA0,
     DemoConfig,
@@ -38,8 +37,17 @@ def demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_in_code_recipe_is_the_default_yaml():
-    assert DEFAULT_RECIPE == yaml.safe_load(RECIPE.read_text())
+def test_demo_starts_from_the_default_yaml_with_only_its_budget_changed(tmp_path):
+    default = yaml.safe_load(RECIPE.read_text())
+    raw = demo_recipe(DemoConfig(out_dir=str(tmp_path), quick=True))
+    for section in ("model", "peft"):
+        assert raw[section] == default[section]
+    budget = {"n_train", "n_eval", "seed", "output_dir", "logging_steps", "max_steps",
+              "num_train_epochs", "dataloader_pin_memory", "iterations", "eval_samples",
+              "eval_at_start", "overwrite", "sampler", "sampler_kwargs"}
+    for section in ("data", "sft", "imm"):
+        kept = {k: v for k, v in default[section].items() if k not in budget}
+        assert {k: raw[section][k] for k in kept} == kept
 
 
 def test_quick_budget_replaces_the_full_one_and_overrides_come_last(tmp_path):
@@ -65,7 +73,7 @@ def test_quick_budget_replaces_the_full_one_and_overrides_come_last(tmp_path):
     full = demo_recipe(DemoConfig(out_dir=str(tmp_path)))
     assert "max_steps" not in full["sft"] and full["sft"]["num_train_epochs"] == 1.0
     assert full["data"]["n_train"] == 96 and full["imm"]["eval_samples"] == 4
-    assert DEFAULT_RECIPE["imm"]["iterations"] == 3  # the module constant is not mutated
+    assert yaml.safe_load(RECIPE.read_text())["imm"]["iterations"] == 3  # the file is not changed
     verbose = demo_recipe(DemoConfig(out_dir=str(tmp_path), verbose=True))
     assert verbose["imm"]["sampler_kwargs"] == {"show_progress": True, "cpu_kv_cache_gib": 1.0}
 

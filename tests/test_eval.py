@@ -23,6 +23,7 @@ from imm_trl.eval import (
     pass_at_k,
     score_completions,
 )
+from imm_trl.sampling import SamplerBase
 from imm_trl.stats import paired_difference
 from imm_trl.tasks import QuestionSet, load_jsonl_questions, load_suite
 
@@ -390,7 +391,7 @@ def test_eval_command_against_the_same_and_another_tiny_model(tmp_path, capsys):
     ) in capsys.readouterr().out
 
 
-class ScriptedSampler:
+class ScriptedSampler(SamplerBase):
     """Answers "question i" right when i is in `right`, wrong otherwise; records its closing."""
 
     def __init__(self, right, log):
@@ -419,7 +420,7 @@ def test_eval_command_against_reports_the_paired_figures(tmp_path, monkeypatch, 
         log.append(f"load {model_dir} {adapter}")
         return ScriptedSampler({0} if model_dir == "a" else set(range(1, 10)), log)
 
-    monkeypatch.setattr("imm_trl.eval.load_sampler", load_scripted)
+    monkeypatch.setattr("imm_trl.eval_cli.load_sampler", load_scripted)
     out = tmp_path / "report.json"
     args = eval_parser().parse_args(
         ["eval", "a", "--against", "b", "--jsonl", str(questions), "--template", "zero_shot"]

@@ -134,8 +134,7 @@ def test_lora_merge_equals_the_unsharded_merge(run):
     model = fsdp2.build_model("lora")
     merger = LoraMerger(model, fsdp2.merge_config("dare_linear"), reset_seed=fsdp2.RESET_SEED)
     theta0 = stage(out, "lora", "theta0")
-    expected = {t.name: t.theta0 for t in merger.targets.values()}
-    expected |= {s.name: s.theta0 for s in merger.saved_modules}
+    expected = merger.anchor_tensors()  # theta0 of the LoRA targets and modules_to_save
     assert set(theta0) == set(expected) and "lm_head.weight" in theta0
     assert all(torch.equal(theta0[n], expected[n]) for n in expected)
 

@@ -83,3 +83,33 @@ def test_malformed_override_flag_names_the_form(tmp_path):
 def test_a_sampler_setting_typo_is_caught_before_loading_anything():
     with pytest.raises(ValueError, match="kv_cache.*valid"):
         parse_recipe({"imm": {"sampler": "vllm", "sampler_kwargs": {"kv_cache": 2}}})
+
+
+def test_packaged_recipes_are_the_repository_recipes_and_load_by_name():
+    from imm_trl.recipes import RECIPES_DIR, read_recipe, recipe_names, recipe_path
+
+    assert recipe_names() == [p.stem for p in RECIPES]
+    for path in RECIPES:
+        assert recipe_path(path.stem) == RECIPES_DIR / path.name
+        assert read_recipe(path.stem) == yaml.safe_load(path.read_text())
+    assert recipe_path(RECIPES[0]) == RECIPES[0]  # a path stays a path
+    assert load_recipe("default") == load_recipe(RECIPES_DIR / "default.yaml")
+    with pytest.raises(FileNotFoundError, match="no packaged recipe named 'nope'; packaged recipes: default"):
+        recipe_path("nope")
+
+
+def test_run_config_default_resolves_to_the_packaged_recipe(monkeypatch, tmp_path):
+    import argparse
+
+    from imm_trl import loop
+
+    seen = {}
+    monkeypatch.chdir(tmp_path)  # outside the checkout: no recipes/ here
+    monkeypatch.setattr(loop, "run_imm", lambda config, overrides: seen.update(
+        recipe=loop.load_recipe(config, overrides)) or argparse.Namespace(history=[]))
+    parser = argparse.ArgumentParser()
+    loop.add_run_parser(parser.add_subparsers())
+    args = parser.parse_args(["run", "--config", "default"])
+    args.overrides = ["--imm.iterations", "2"]
+    assert args.func(args) == 0
+    assert seen["recipe"].imm["iterations"] == 2 and seen["recipe"].model.name_or_path == "default"

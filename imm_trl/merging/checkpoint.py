@@ -33,6 +33,7 @@ from imm_trl.merging.config import (
     check_density_applies,
     check_method,
     check_ratio_patterns,
+    merge_method,
     parse_ratio,
 )
 from imm_trl.merging.functional import (
@@ -267,7 +268,7 @@ def plan_units(
     units = []
     for tensor in planned:
         numel = math.prod(tensor.shape)
-        if method == "ties" or not tensor.dtype.is_floating_point:
+        if not merge_method(method).elementwise or not tensor.dtype.is_floating_point:
             units.append(WorkUnit(tensor, 0, numel, whole=True))
             continue
         units.extend(
@@ -326,7 +327,7 @@ def stream_merge(
                 if stop.is_set():
                     raise RuntimeError("merge aborted") from None
 
-    draws_masks = settings["method"] in ("dare_linear", "dare_ties") and settings["density"] < 1.0
+    draws_masks = merge_method(settings["method"]).draws_masks and settings["density"] < 1.0
 
     def read(unit: WorkUnit):
         name = unit.tensor.name

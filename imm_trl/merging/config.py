@@ -37,8 +37,54 @@ from imm_trl.validation import RANGES
 Ratio = float | Mapping[str, float]
 RatioSchedule = Ratio | Sequence[Ratio]
 
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """What a merge method does to the delta theta - theta0, as data (mergekit's registry
+    style): callers ask these fields instead of testing method names."""
+
+    name: str
+    sparsification: str | None  # None; "random": DARE's Bernoulli(density) keep mask; "magnitude": TIES' top-density trim
+    consensus: str | None  # None, or "sign": TIES' sign election and disjoint mean over models
+    rescale: bool  # kept elements are divided by density (DARE), so merged values can exceed theta
+    elementwise: bool  # each output element needs only the same element of the inputs (chunkable)
+
+    @property
+    def uses_density(self) -> bool:
+        return self.sparsification is not None
+
+    @property
+    def keeps_every_element(self) -> bool:
+        """A plain linear combination: no sparsification, no consensus."""
+        return self.sparsification is None and self.consensus is None
+
+    @property
+    def draws_masks(self) -> bool:
+        return self.sparsification == "random"
+
+    @property
+    def in_place(self) -> bool:
+        """Whether `merge_into_` can write it into the weight in place (no consensus step)."""
+        return self.consensus is None
+
+
+# The merge kernels in `imm_trl.merging.functional`, described (same order as MERGE_METHODS).
+METHOD_TABLE: dict[str, MergeMethod] = {
+    "linear": MergeMethod("linear", None, None, rescale=False, elementwise=True),
+    "dare_linear": MergeMethod("dare_linear", "random", None, rescale=True, elementwise=True),
+    "ties": MergeMethod("ties", "magnitude", "sign", rescale=False, elementwise=False),
+    "dare_ties": MergeMethod("dare_ties", "random", "sign", rescale=True, elementwise=True),
+}
+
+
+def merge_method(name: str) -> MergeMethod:
+    """The `MergeMethod` called `name` (a ValueError naming the choices if there is none)."""
+    return METHOD_TABLE[check_method(name)]
+
+
 # The methods whose delta operator reads `density`; linear keeps every element.
-DENSITY_METHODS = ("dare_linear", "ties", "dare_ties")
+DENSITY_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.uses_density)
 DEFAULT_DENSITY = 0.8  # the paper's DARE drop rate 0.2
 
 _RANGE_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<start>\d+)(?P<dash>-)?(?P<end>\d+)?$")
@@ -69,12 +115,12 @@ def check_density(density: float) -> float:
 
 def default_density(method: str) -> float:
     """The density used when none is given: DEFAULT_DENSITY for DARE/TIES, 1.0 for linear."""
-    return DEFAULT_DENSITY if method in DENSITY_METHODS else 1.0
+    return DEFAULT_DENSITY if merge_method(method).uses_density else 1.0
 
 
 def check_density_applies(method: str, density: float | None) -> None:
     """Raise a ValueError if `density` < 1 is given with a method that ignores it."""
-    if density is not None and method not in DENSITY_METHODS and density < 1.0:
+    if density is not None and not merge_method(method).uses_density and density < 1.0:
         raise ValueError(
             f"density applies only to {', '.join(DENSITY_METHODS)} (got density={density!r} with "
             f"merge method {method!r}, which keeps every element); remove density or choose "
@@ -266,7 +312,7 @@ def check_ratio_patterns(schedule: RatioSchedule, names: Sequence[str], what: st
 
 
 def ratio_for_iteration(schedule: RatioSchedule, iteration: int) -> RatioMap:
-    """The ratio map of IMM iteration `iteration` (1-based, as t in DESIGN.md).
+    """The ratio map of IMM iteration `iteration` (1-based, as t in docs/design.md).
 
     `schedule` is one ratio (number or map) used every iteration, or a list with one entry
     per iteration.

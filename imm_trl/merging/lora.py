@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imm_trl.merging.config import MergeConfig, check_ratio_patterns, parse_ratio
+from imm_trl.merging.config import MergeConfig, check_ratio_patterns, merge_method, parse_ratio
 from imm_trl.merging.functional import merge_into_, merge_low_rank_into_, merge_tensors
 from imm_trl.merging.io import CheckpointReader
 from imm_trl.merging.parallel import for_each_tensor
+from imm_trl.merging.quantization import dequantize, is_quantized, requantize
 from imm_trl.merging.state_dict import aliased_tensors, capture_theta0_, moving_average, view_key
 
 PEFT_PREFIX = "base_model.model."
@@ -76,47 +77,6 @@ class SavedModuleTarget:
     @property
     def trained(self) -> nn.Parameter:
         return self.trained_module.get_parameter(self.param_name)
-
-
-def is_quantized(weight: torch.Tensor) -> bool:
-    """Whether `weight` is a bitsandbytes 4-bit or 8-bit parameter."""
-    return type(weight).__name__ in ("Params4bit", "Int8Params")
-
-
-def dequantize(layer: nn.Module) -> torch.Tensor:
-    """The dense weight of a (possibly bitsandbytes-quantized) linear layer."""
-    weight = layer.weight
-    if not is_quantized(weight):
-        return weight.detach()
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    state = (
-        getattr(layer, "state", None)
-        if type(weight).__name__ == "Int8Params"
-        else weight.quant_state
-    )
-    if type(weight).__name__ == "Int8Params" and state is not None and state.SCB is None:
-        state.SCB = weight.SCB
-    return dequantize_bnb_weight(weight, state=state)
-
-
-def requantize(layer: nn.Module, dense: torch.Tensor) -> None:
-    """Replace a bitsandbytes layer's weight by the quantization of `dense` (as PEFT's merge does)."""
-    import bitsandbytes as bnb
-
-    weight = layer.weight
-    if type(weight).__name__ == "Params4bit":
-        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_")}
-        kwargs.pop("data", None)
-        kwargs["bnb_quantized"] = False
-        kwargs["requires_grad"] = False
-        layer.weight = bnb.nn.Params4bit(dense.to("cpu"), **kwargs).to(weight.device)
-    else:
-        layer.weight = bnb.nn.Int8Params(
-            dense.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
-        ).to(weight.device)
-        layer.state.reset_grads()
-        layer.state.SCB = layer.weight.SCB
 
 
 def base_parameter_name(module_name: str) -> str:
@@ -361,7 +321,7 @@ class LoraMerger:
             and current.dim() == 2
             and current.is_contiguous()
             and layer.lora_B[self.adapter].weight.device.type == "cpu"
-            and settings["method"] in ("linear", "dare_linear")
+            and merge_method(settings["method"]).in_place
             and settings["compute_dtype"] == torch.float32
         )
 
@@ -437,3 +397,45 @@ class LoraMerger:
         ]
         tensors += [s.theta0 for s in self.saved_modules]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # -- the rest of the `Merger` protocol (imm_trl.merging.protocol) ---------------------------
+
+    def merged_parameter_names(self) -> list[str]:
+        return [t.name for t in self.targets.values()] + [s.name for s in self.saved_modules]
+
+    def anchored_weights(self, model: nn.Module | None = None):
+        """(name, anchor, base or master weight plus the adapter's delta) per merged weight."""
+        for target in self.targets.values():
+            base = target.master if target.quantized else target.base_layer.weight.detach()
+            delta = sum(layer.get_delta_weight(self.adapter).float() for layer in target.layers)
+            yield target.name, target.theta0, base.float() + delta
+        for saved in self.saved_modules:
+            yield saved.name, saved.theta0, saved.trained.detach()
+
+    def merged_tensors(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        tensors = {
+            t.name: t.master if t.quantized else t.base_layer.weight for t in self.targets.values()
+        }
+        tensors.update({s.name: s.original for s in self.saved_modules})
+        return tensors
+
+    @torch.no_grad()
+    def load_merged_tensors(self, model: nn.Module | None, tensors: dict[str, torch.Tensor]) -> None:
+        for target in self.targets.values():
+            if target.quantized:
+                target.master.copy_(tensors[target.name])
+                requantize(target.base_layer, target.master)
+            else:
+                target.base_layer.weight.copy_(tensors[target.name])
+        for saved in self.saved_modules:
+            saved.original.copy_(tensors[saved.name])
+
+    def master_tensors(self) -> dict[str, torch.Tensor]:
+        return {t.name: t.master for t in self.targets.values() if t.quantized}
+
+    @torch.no_grad()
+    def load_master_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        targets = {t.name: t for t in self.targets.values() if t.quantized}
+        for name, tensor in tensors.items():
+            targets[name].master.copy_(tensor)
+            requantize(targets[name].base_layer, targets[name].master)

@@ -17,6 +17,7 @@ from imm_trl.merging.config import (
     check_density_applies,
     check_method,
     check_ratio_patterns,
+    merge_method,
     parse_ratio,
 )
 from imm_trl.merging.functional import merge_into_, merge_tensors
@@ -186,6 +187,7 @@ class FullWeightMerger:
         self.theta0_dir = Path(theta0_dir) if theta0_dir is not None else None
         self._theta0: dict[str, torch.Tensor] = {}
         names = [name for name, _ in model.named_parameters()]
+        self._parameter_names = names
         check_ratio_patterns(config.ratio, names, "all of the model's")
         if self.theta0_dir is None:
             aliased = aliased_tensors(model)
@@ -228,7 +230,7 @@ class FullWeightMerger:
                 compute_dtype=self.config.torch_compute_dtype,
             )
             if (
-                settings["method"] in ("linear", "dare_linear")
+                merge_method(settings["method"]).in_place
                 and theta0.dtype == param.dtype
                 and param.is_contiguous()
             ):
@@ -270,3 +272,31 @@ class FullWeightMerger:
     def load_anchor_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the anchors with `tensors` (a checkpoint's), by parameter name."""
         self._theta0 = {name: tensors[name].to(t.dtype).clone() for name, t in self._theta0.items()}
+
+    # -- the rest of the `Merger` protocol (imm_trl.merging.protocol) ---------------------------
+
+    def merged_parameter_names(self) -> list[str]:
+        return list(self._parameter_names)
+
+    def anchored_weights(self, model: nn.Module):
+        """(name, anchor, weight) per parameter, tied ones once."""
+        seen = set()
+        for name, param in model.named_parameters():
+            if (key := view_key(param)) in seen:
+                continue
+            seen.add(key)
+            yield name, self._theta0[name], param.detach()
+
+    def merged_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return dict(model.named_parameters())
+
+    @torch.no_grad()
+    def load_merged_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_tensors(model, tensors)
+
+    def master_tensors(self) -> dict[str, torch.Tensor]:
+        return {}  # full fine-tuning trains no quantized weights
+
+    def load_master_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"master copies {sorted(tensors)[:3]} given to a full-weight merger")

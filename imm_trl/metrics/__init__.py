@@ -7,7 +7,7 @@
                                      k=[1, 4], verifier="gsm8k")
     load_metric("collapse").compute(predictions=[[s1, s2, ...], ...], verifier="gsm8k")
 
-or `evaluate.load(str(metric_path("pass_at_k")))`. Each module computes with `imm_trl.eval`.
+or `evaluate.load(str(metric_path("pass_at_k")))`. Each module computes with `imm_trl.metrics.functional` (collapse: `imm_trl.eval`).
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
 from imm_trl.validation import check_dataclass
+
+if TYPE_CHECKING:
+    import torch
 
 ChatMessages = list[dict[str, str]]
 Prompt = Union[str, ChatMessages]  # noqa: UP007 (a runtime alias; `|` on generics is fine too)
@@ -56,13 +59,88 @@ class GenerationStats:
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Anything that turns prompts into `n` completions each."""
+    """Anything that turns prompts into `n` completions each, and can be handed new weights
+    and closed. `SamplerBase` gives the no-op parts to backends that need none; samplers are
+    context managers that close themselves."""
+
+    needs_weight_updates: bool
+    """True when the sampler holds its own copy of the weights (a vLLM engine), so the caller
+    must hand it every merged model through `update_weights`; False when it generates with the
+    trained model itself (HF `generate`), and building the weights to hand over would be
+    wasted work."""
 
     def generate(
         self, prompts: Sequence[Prompt], n: int, params: SamplingParams
     ) -> list[list[str]]:
         """`n` completion texts per prompt, in prompt order."""
         ...
+
+    def update_weights(
+        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> float:
+        """Sample with these HF-format weights from now on; returns the seconds it took."""
+        ...
+
+    def close(self) -> None:
+        """Free what the sampler holds (an engine, its memory); safe to call twice."""
+        ...
+
+    def __enter__(self) -> Sampler: ...
+
+    def __exit__(self, *exc_info) -> None: ...
+
+
+class SamplerBase:
+    """The parts of `Sampler` a backend without its own weights or engine needs nothing for:
+    no weight updates, nothing to close; and the context manager over `close`."""
+
+    needs_weight_updates = False
+
+    def update_weights(
+        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class PartialSampler(SamplerBase):
+    """A sampler written against part of the protocol (often `generate` alone, as custom
+    samplers for earlier versions were), completed with `SamplerBase`'s no-ops; a method the
+    object does have is used. Other attributes (`stats`, ...) are the object's own."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.needs_weight_updates = callable(getattr(sampler, "update_weights", None))
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams
+    ) -> list[list[str]]:
+        return self.sampler.generate(prompts, n, params)
+
+    def update_weights(self, weights) -> float:
+        return self.sampler.update_weights(weights) if self.needs_weight_updates else 0.0
+
+    def close(self) -> None:
+        close = getattr(self.sampler, "close", None)
+        if callable(close):
+            close()
+
+
+def as_sampler(sampler) -> Sampler:
+    """`sampler` itself when it implements the whole `Sampler` protocol, else a
+    `PartialSampler` around it: the one place that asks what a caller's object can do."""
+    return sampler if isinstance(sampler, Sampler) else PartialSampler(sampler)
 
 
 def render_prompt(prompt: Prompt, tokenizer) -> str:

@@ -13,6 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from imm_trl.sampling.base import (
     GenerationStats,
     Prompt,
+    SamplerBase,
     SamplingParams,
     cut_at_stop,
     prompt_token_ids,
@@ -95,8 +96,10 @@ class TemperatureNucleus(LogitsProcessor):
         return nucleus_filter_(scores / self.temperature, self.top_p)
 
 
-class HFSampler:
-    """`Sampler` over a transformers (or PEFT-wrapped) causal LM, on CPU or GPU."""
+class HFSampler(SamplerBase):
+    """`Sampler` over a transformers (or PEFT-wrapped) causal LM, on CPU or GPU. It generates
+    with the model object it is given (during IMM, the trainer's own), so a merge reaches it
+    without `update_weights`, and there is no engine to close."""
 
     def __init__(self, model, tokenizer, config: HFSamplerConfig | None = None):
         self.model = model

@@ -18,6 +18,7 @@ import torch
 from imm_trl.sampling.base import (
     GenerationStats,
     Prompt,
+    SamplerBase,
     SamplingParams,
     cut_at_stop,
     prompt_token_ids,
@@ -105,8 +106,12 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-class VLLMSampler:
-    """`Sampler` over a `vllm.LLM` engine loaded from a model directory."""
+class VLLMSampler(SamplerBase):
+    """`Sampler` over a `vllm.LLM` engine loaded from a model directory. The engine holds its
+    own copy of the weights: hand it each merged model with `update_weights`, and `close` it
+    (or use the sampler as a context manager) to free the engine."""
+
+    needs_weight_updates = True
 
     def __init__(
         self, model_path: str | os.PathLike, tokenizer, config: VLLMSamplerConfig | None = None

@@ -23,7 +23,7 @@ def test_default_recipe_runs_end_to_end_with_vllm(tmp_path):
         "--sft.per_device_train_batch_size", "4",
         "--data.n_train", "24", "--data.n_eval", "24", "--imm.iterations", "2",
         "--imm.sampler_kwargs", "{dtype: float32, enforce_eager: true, show_progress: false, cpu_kv_cache_gib: 1}",
-    ])
+    ], keep_sampler=True)  # checked against G_2 below
     history = json.loads((tmp_path / "imm" / "imm_metrics.json").read_text())
     assert [row["iteration"] for row in history] == [0, 1, 2]
     for row in history:

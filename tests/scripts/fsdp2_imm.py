@@ -132,8 +132,7 @@ def run_lora(mesh, out_dir: Path) -> dict:
     shard(model, mesh)
     with whole_parameters(model):
         merger = LoraMerger(model, merge_config("dare_linear"), reset_seed=RESET_SEED)
-    write(out_dir, "lora.theta0", {t.name: t.theta0 for t in merger.targets.values()}
-          | {s.name: s.theta0 for s in merger.saved_modules})
+    write(out_dir, "lora.theta0", merger.anchor_tensors())
     report = {"sharded_after_capture": all_dtensors(model)}
     train_steps(model)
     write(out_dir, "lora.tuned1", gathered(model))

@@ -4,7 +4,7 @@ samples is correct, from n >= k verified samples per question, averaged over que
 import datasets
 import evaluate
 
-from imm_trl.eval import pass_at_k
+from imm_trl.metrics.functional import pass_at_k
 from imm_trl.verify import get_verifier
 
 _DESCRIPTION = __doc__

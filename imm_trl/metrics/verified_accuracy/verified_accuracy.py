@@ -4,7 +4,7 @@ answers, with a percentile-bootstrap confidence interval."""
 import datasets
 import evaluate
 
-from imm_trl.eval import bootstrap_ci
+from imm_trl.metrics.functional import bootstrap_ci
 from imm_trl.verify import get_verifier
 
 _DESCRIPTION = __doc__
