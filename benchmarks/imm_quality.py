@@ -31,7 +31,6 @@ imm_quality_report.py.
 from __future__ import annotations
 
 import argparse
-import copy
 import fcntl
 import hashlib
 import json
@@ -149,10 +148,10 @@ PILOT = {"n_train": 48, "n_eval": 100, "iterations": 1, "seeds": [0]}
 
 
 def base_recipe() -> dict[str, Any]:
-    """The offline default recipe (recipes/default.yaml), the one shared by every arm."""
-    from imm_trl.demo import DEFAULT_RECIPE
+    """The offline default recipe (imm_trl/recipes/default.yaml), the one shared by every arm."""
+    from imm_trl.recipes import read_recipe
 
-    return copy.deepcopy(DEFAULT_RECIPE)
+    return read_recipe("default")
 
 
 def validation_count(n_train: int, share: float) -> int:
