@@ -31,7 +31,7 @@ def run(directory: str, n_train: int, iterations: int, extra: list[str]) -> list
     from imm_trl.loop import run_imm
 
     before = settle()
-    callback = run_imm(RECIPE, [
+    callback = run_imm(RECIPE, keep_sampler=True, overrides=[
         "--sft.output_dir", directory, "--data.n_train", str(n_train), "--data.n_eval", "20",
         "--imm.iterations", str(iterations), "--imm.eval_at_start", "false", *extra,
     ])

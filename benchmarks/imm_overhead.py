@@ -39,7 +39,7 @@ def main() -> None:
 
     load_before = settle()
     with tempfile.TemporaryDirectory() as tmp:
-        callback = run_imm(RECIPE, [
+        callback = run_imm(RECIPE, keep_sampler=True, overrides=[
             "--sft.output_dir", tmp, "--data.n_train", str(args.n_train), "--data.n_eval", "20",
             "--imm.iterations", str(args.iterations), "--imm.eval_at_start", "false",
         ])
