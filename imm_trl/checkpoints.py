@@ -86,13 +86,14 @@ def checkpoint_tensors(model, merger, moving_anchor: bool = False) -> dict[str, 
 @torch.no_grad()
 def restore_checkpoint_tensors(model, merger, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy a checkpoint's tensors (`checkpoint_tensors`) back into the model and the merger's
-    master copies (and anchors), in place."""
+    master copies (and anchors), in place. `merger` may be None for a model without one (its
+    checkpoint then holds no master copies)."""
     anchors = {n.removeprefix(ANCHOR_PREFIX): t for n, t in tensors.items() if n.startswith(ANCHOR_PREFIX)}
     if anchors:
         merger.load_anchor_tensors(anchors)
     tensors = {n: t for n, t in tensors.items() if not n.startswith(ANCHOR_PREFIX)}
     params = dict(model.named_parameters())
-    master_names = set(merger.master_tensors())
+    master_names = set(merger.master_tensors()) if merger is not None else set()
     unknown = [n for n in tensors if n not in params and n.removeprefix(MASTER_PREFIX) not in master_names]
     if unknown:
         raise ValueError(
@@ -105,7 +106,8 @@ def restore_checkpoint_tensors(model, merger, tensors: dict[str, torch.Tensor], 
             masters[name.removeprefix(MASTER_PREFIX)] = tensor
         else:
             params[name].copy_(tensor)
-    merger.load_master_tensors(masters)
+    if merger is not None:
+        merger.load_master_tensors(masters)
 
 
 def merged_state_dict(model, masters: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -24,14 +24,14 @@ def _lora_model(seed: int, dtype: torch.dtype):
 
 def _merged_base(threads: int, dtype: torch.dtype, method: str) -> dict[str, torch.Tensor]:
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch._C.set_num_threads(threads)  # torch.set_num_threads may be vLLM's no-op
     try:
         model = _lora_model(1, dtype)
         config = MergeConfig(method=method, ratio=0.5, density=0.7 if method == "dare_linear" else 1.0)
         LoraMerger(model, config).merge(model, iteration=1)
         return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     finally:
-        torch.set_num_threads(previous)
+        torch._C.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -50,7 +50,7 @@ def test_full_weight_merge_on_two_threads_is_bit_identical_to_one():
     results = []
     for threads in (1, 2):
         previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch._C.set_num_threads(threads)  # torch.set_num_threads may be vLLM's no-op
         try:
             model, _ = tiny_model(seed=0)
             merger = FullWeightMerger(model, MergeConfig(method="dare_linear", ratio=0.3, density=0.5))
@@ -60,14 +60,16 @@ def test_full_weight_merge_on_two_threads_is_bit_identical_to_one():
             merger.merge(model, iteration=2)
             results.append({n: p.detach().clone() for n, p in model.named_parameters()})
         finally:
-            torch.set_num_threads(previous)
+            torch._C.set_num_threads(previous)
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
 
 
-def test_for_each_tensor_keeps_grad_mode_and_thread_count_and_raises():
+def test_for_each_tensor_keeps_grad_mode_and_thread_count_and_raises(monkeypatch):
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch._C.set_num_threads(2)
+    # as after vLLM's in-process CPU worker started: torch.set_num_threads is a no-op
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     try:
         modes = []
         with torch.no_grad():
@@ -87,4 +89,4 @@ def test_for_each_tensor_keeps_grad_mode_and_thread_count_and_raises():
         with single_threaded_kernels() as before:
             assert before == 2 and torch.get_num_threads() == 1
     finally:
-        torch.set_num_threads(previous)
+        torch._C.set_num_threads(previous)

@@ -20,17 +20,21 @@ import torch
 
 Item = TypeVar("Item")
 
+# vLLM's in-process CPU worker replaces `torch.set_num_threads` with a no-op once it has bound
+# its threads, and IMM merges run in that process; the builtin underneath still works.
+_set_num_threads = torch._C.set_num_threads
+
 
 @contextmanager
 def single_threaded_kernels():
     """torch's intra-op thread count set to 1 inside the block (threads started inside inherit
     it), restored on exit. Yields the previous count."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    _set_num_threads(1)
     try:
         yield previous
     finally:
-        torch.set_num_threads(previous)
+        _set_num_threads(previous)
 
 
 def for_each_tensor(function: Callable[[Item], None], items: Iterable[Item], on_cpu: bool = True) -> None:
