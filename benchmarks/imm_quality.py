@@ -296,7 +296,7 @@ class PhaseCPU:
     def __init__(self, path: Path):
         self.path = path
         self.seconds = json.loads(path.read_text()) if path.is_file() else {}
-        self.current, self.started = "start-up", time.process_time()
+        self.current, self.started = "start-up", 0.0  # process time counts from the process start
 
     def switch(self, phase: str) -> None:
         now = time.process_time()
@@ -304,8 +304,9 @@ class PhaseCPU:
         self.current, self.started = phase, now
         write_json_atomically(self.path, self.seconds)
 
-    def follow_callback_phases(self) -> None:
-        """Switch at each phase IMMCallback announces ('iteration t/T: <phase>', INFO)."""
+    def follow_callback_phases(self):
+        """Switch at each phase IMMCallback announces ('iteration t/T: <phase>', INFO); returns
+        the logging handler it added."""
         import logging
 
         from imm_trl.progress import PHASE_LOGGER, PHASE_MESSAGE
@@ -317,9 +318,10 @@ class PhaseCPU:
                 if record.msg == PHASE_MESSAGE and isinstance(record.args, tuple):
                     meter.switch(record.args[2])
 
-        logger = logging.getLogger(PHASE_LOGGER)
-        logger.addHandler(Handler(level=logging.INFO))
+        logger, handler = logging.getLogger(PHASE_LOGGER), Handler(level=logging.INFO)
+        logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        return handler
 
 
 def quiet_child_logs() -> None:

@@ -274,6 +274,28 @@ def test_markdown_marks_partial_results_and_the_plot_is_written(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_phase_cpu_follows_the_callbacks_phases_and_adds_up_over_attempts(tmp_path):
+    import logging
+
+    from imm_trl.progress import PHASE_LOGGER, PHASE_MESSAGE
+
+    path = tmp_path / study.PHASE_CPU_FILE
+    meter, level = study.PhaseCPU(path), logging.getLogger(PHASE_LOGGER).level
+    handler = meter.follow_callback_phases()
+    try:
+        logging.getLogger(PHASE_LOGGER).info(PHASE_MESSAGE, 1, 2, "sampling")
+        logging.getLogger(PHASE_LOGGER).info("iteration %d: reusing the D_t saved in %s", 1, "x")  # not a phase
+        assert meter.current == "sampling"
+        logging.getLogger(PHASE_LOGGER).info(PHASE_MESSAGE, 1, 2, "train")
+    finally:
+        logging.getLogger(PHASE_LOGGER).removeHandler(handler)
+        logging.getLogger(PHASE_LOGGER).setLevel(level)
+    first = json.loads(path.read_text())
+    assert set(first) == {"start-up", "sampling"} and first["start-up"] > 0
+    study.PhaseCPU(path).switch("eval")  # a resumed attempt: its start-up is added to the first's
+    assert json.loads(path.read_text())["start-up"] > first["start-up"]
+
+
 def test_projection_scales_each_phase_cpu_with_its_budget():
     measured = {"n_train": 32, "n_eval": 100, "eval_samples": 4, "samples_per_question": 4, "epochs": 1, "iterations": 2}
     target = {**measured, "n_train": 256, "n_eval": 1000, "iterations": 4}
