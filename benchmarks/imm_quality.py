@@ -283,6 +283,46 @@ def install_per_question_eval() -> None:
     eval_module.evaluate_question_set = evaluate_question_set
 
 
+PHASE_CPU_FILE = "phase_cpu.json"
+
+
+class PhaseCPU:
+    """CPU seconds of this process per phase (summed over iterations and attempts), kept in
+    <run dir>/phase_cpu.json and rewritten at every phase change. CPU time, unlike wall time,
+    is what a projection can scale on a machine where other jobs run and the study is
+    sometimes paused (SIGSTOP) while someone benchmarks."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds = json.loads(path.read_text()) if path.is_file() else {}
+        self.current, self.started = "start-up", 0.0  # process time counts from the process start
+
+    def switch(self, phase: str) -> None:
+        now = time.process_time()
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.started
+        self.current, self.started = phase, now
+        write_json_atomically(self.path, self.seconds)
+
+    def follow_callback_phases(self):
+        """Switch at each phase IMMCallback announces ('iteration t/T: <phase>', INFO); returns
+        the logging handler it added."""
+        import logging
+
+        from imm_trl.progress import PHASE_LOGGER, PHASE_MESSAGE
+
+        meter = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                if record.msg == PHASE_MESSAGE and isinstance(record.args, tuple):
+                    meter.switch(record.args[2])
+
+        logger, handler = logging.getLogger(PHASE_LOGGER), Handler(level=logging.INFO)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        return handler
+
+
 def quiet_child_logs() -> None:
     import logging
 
@@ -295,8 +335,11 @@ def quiet_child_logs() -> None:
 def train_child(recipe_path: Path) -> None:
     from imm_trl.loop import parse_recipe, run_imm
 
+    meter = PhaseCPU(recipe_path.parent / PHASE_CPU_FILE)
+    meter.follow_callback_phases()
     install_per_question_eval()
     callback = run_imm(parse_recipe(json.loads(recipe_path.read_text())))
+    meter.switch("final model")
     if hasattr(callback.sampler, "close"):
         callback.sampler.close()
 
@@ -312,6 +355,7 @@ def eval_child(job_path: Path) -> None:
     from imm_trl.sampling import VLLMSampler, VLLMSamplerConfig
 
     job = json.loads(job_path.read_text())
+    meter = PhaseCPU(job_path.parent / PHASE_CPU_FILE)
     out_path = Path(job["out"])
     done = json.loads(out_path.read_text()) if out_path.is_file() else {}
     todo = [m for m in job["models"] if m["key"] not in done]
@@ -320,7 +364,9 @@ def eval_child(job_path: Path) -> None:
     question_sets = job_question_sets(job)
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     ensure_chat_ready(tokenizer)
+    meter.switch("engine start")
     sampler = VLLMSampler(default_model_dir(), tokenizer, VLLMSamplerConfig(**job["sampler_kwargs"]))
+    meter.switch("eval")
     for model in todo:
         path = default_model_dir() if model["path"] == "default" else Path(model["path"])
         sampler.update_weights(load_file(path / "model.safetensors"))
@@ -332,6 +378,7 @@ def eval_child(job_path: Path) -> None:
             )
         done[model["key"]] = {"sets": sets, "seconds": time.perf_counter() - started}
         write_json_atomically(out_path, done)
+    meter.switch("end")
     sampler.close()
 
 
@@ -438,6 +485,8 @@ def run_one(config: StudyConfig, results: dict[str, Any], arm: str, seed: int) -
     key = report.run_key(arm, seed)
     check_questions(results, key, history)
     timing = read_timing(timing_path)
+    phase_cpu = run_dir / PHASE_CPU_FILE
+    timing["phase_cpu_seconds"] = json.loads(phase_cpu.read_text()) if phase_cpu.is_file() else {}
     if ARMS[arm].trains:
         keep_and_prune(config, arm, seed)
     finished = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -596,6 +645,7 @@ def run_study(config: StudyConfig, command: str, fresh: bool, pilot: bool) -> di
             raise SystemExit(f"another study process runs in {config.work_dir}") from None
         results = load_results(config, command, fresh)
         write_results(config, results)
+        print(report.status_line(results, config.arms, config.seeds).strip("*"), flush=True)
         for arm, seed in report.pending_runs(results, config.arms, config.seeds):
             print(f"{report.run_key(arm, seed)}: running (log: {config.run_dir(arm, seed) / 'child.log'})", flush=True)
             record = run_one(config, results, arm, seed)

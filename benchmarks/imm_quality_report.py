@@ -210,7 +210,8 @@ def gain_kept(lookup: Lookup, arm: str, baseline: str, seeds: Sequence[int], res
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = numerators / denominators
     ratio = gained.mean() / base_gained.mean() if base_gained.mean() else math.nan
-    low, high = np.nanquantile(np.where(np.isfinite(ratios), ratios, np.nan), [0.025, 0.975])
+    finite = ratios[np.isfinite(ratios)]  # a resample where the baseline gained nothing has none
+    low, high = np.quantile(finite, [0.025, 0.975]) if finite.size else (math.nan, math.nan)
     return {"ratio": float(ratio), "ci_low": float(low), "ci_high": float(high),
             "gain": float(gained.mean()), "baseline_gain": float(base_gained.mean()), "seeds": len(rows)}
 
@@ -455,65 +456,59 @@ def timing_table(results: dict) -> str:
 # Cost projection (pilot -> study)
 # --------------------------------------------------------------------------------------------
 
-# How each timed phase of an iteration grows with the budget; other phases are constant.
+# How the CPU time of each phase of an iteration grows with the budget (IMMCallback's phase
+# names); other per-iteration phases (merge, checkpoint, sampler refresh) stay constant, and
+# ONCE_PER_RUN phases are paid once per child process.
 PHASE_SCALES: dict[str, Callable[[dict], float]] = {
     "sampling": lambda s: s["n_train"] * s["samples_per_question"],
     "train": lambda s: s["n_train"] * s["epochs"],
-    "auto_ratio": lambda s: s["n_train"],
+    "auto ratio": lambda s: s["n_train"],
     "eval": lambda s: s["n_eval"] * (1 + s["eval_samples"]),
 }
+ONCE_PER_RUN = ("start-up", "engine start")
 
 
-def project_run(run: dict, measured: dict, target: dict) -> dict:
-    """CPU and wall seconds one (arm, seed) run would take at the `target` budget, from a run
-    at the `measured` budget: each phase's mean time per iteration scaled by its PHASE_SCALES
-    ratio, times the target's iterations, plus what did not belong to any iteration (start-up,
-    engine start); CPU = that wall time x the run's measured CPU/wall ratio. Training time
-    follows D_t, which grows as the model improves: a one-iteration pilot underestimates it."""
-    rows = [row for row in run["history"] if "seconds/iteration" in row or "seconds/eval" in row]
-    timed = sum(row.get("seconds/iteration", row.get("seconds/eval", 0.0)) for row in rows)
-    fixed = max(run["wall_seconds"] - timed, 0.0)
+def project_run(run: dict, measured: dict, target: dict) -> float:
+    """CPU seconds one (arm, seed) run would take at the `target` budget, from its measured CPU
+    seconds per phase (`phase_cpu_seconds`, at the `measured` budget): start-up and engine
+    start once, every other phase's CPU per iteration scaled by its PHASE_SCALES ratio, times
+    the target's iterations (theta0: one evaluation). Training follows D_t, which grows as the
+    model improves, so a one-iteration pilot underestimates it."""
+    phases = run["phase_cpu_seconds"]
+    iterations_run = max(len(run["history"]), 1)
     per_iteration = 0.0
-    phases = {key.split("/", 1)[1] for row in rows for key in row if key.startswith("seconds/")} - {"iteration"}
-    for phase in phases:
-        mean = sum(row.get(f"seconds/{phase}", 0.0) for row in rows) / len(rows)
-        scale = PHASE_SCALES.get(phase)
-        per_iteration += mean * (scale(target) / scale(measured) if scale else 1.0)
+    for phase, seconds in phases.items():
+        if phase not in ONCE_PER_RUN:
+            scale = PHASE_SCALES.get(phase)
+            per_iteration += seconds / iterations_run * (scale(target) / scale(measured) if scale else 1.0)
     iterations = 1 if run["arm"] == THETA0 else target["iterations"]
-    wall = fixed + iterations * per_iteration
-    return {"wall_seconds": wall, "cpu_seconds": wall * run["cpu_seconds"] / max(run["wall_seconds"], 1e-9)}
+    return sum(phases.get(p, 0.0) for p in ONCE_PER_RUN) + iterations * per_iteration
 
 
 def projection(results: dict, target: dict, arms: Sequence[str], seeds: Sequence[int]) -> dict:
-    """The study's projected cost: per arm, the first finished run projected, times seeds."""
+    """The study's projected CPU seconds: per arm, its first finished run projected, x seeds."""
     per_arm, missing = {}, []
     for arm in arms:
-        runs = [r for r in results["runs"].values() if r["arm"] == arm]
-        if not runs:
+        runs = [r for r in results["runs"].values() if r["arm"] == arm and r.get("phase_cpu_seconds")]
+        if runs:
+            per_arm[arm] = project_run(runs[0], results["settings"], target) * len(seeds)
+        else:
             missing.append(arm)
-            continue
-        one = project_run(runs[0], results["settings"], target)
-        per_arm[arm] = {key: value * len(seeds) for key, value in one.items()}
-    return {"per_arm": per_arm, "missing": missing, "cpu_seconds": sum(a["cpu_seconds"] for a in per_arm.values()),
-            "wall_seconds": sum(a["wall_seconds"] for a in per_arm.values()), "seeds": list(seeds), "target": target}
+    return {"per_arm": per_arm, "missing": missing, "cpu_seconds": sum(per_arm.values()), "seeds": list(seeds), "target": target}
 
 
 def projection_text(found: dict) -> str:
     target = found["target"]
     lines = [
         f"Projected cost at n_train {target['n_train']}, n_eval {target['n_eval']}, {target['iterations']} iterations, "
-        f"eval_samples {target['eval_samples']}, {len(found['seeds'])} seeds: "
-        f"**{found['cpu_seconds'] / 3600:.1f} CPU hours**, "
-        f"{found['wall_seconds'] / 3600:.1f} wall hours at the pilot's load "
-        "(phase times scaled linearly; training follows D_t, which grows over iterations, so treat it as a lower bound).",
+        f"eval_samples {target['eval_samples']}, {len(found['seeds'])} seeds: **{found['cpu_seconds'] / 3600:.1f} CPU hours** "
+        f"(so at least {found['cpu_seconds'] / 7200:.1f} wall hours on 2 cores). Each phase's CPU time scaled linearly "
+        "with its budget; training follows D_t, which grows over iterations: a lower bound.",
         "",
-        _table(
-            ["arm", "CPU h (all seeds)", "wall h"],
-            [[a, f"{v['cpu_seconds'] / 3600:.2f}", f"{v['wall_seconds'] / 3600:.2f}"] for a, v in found["per_arm"].items()],
-        ),
+        _table(["arm", "CPU h (all seeds)"], [[a, f"{v / 3600:.2f}"] for a, v in found["per_arm"].items()]),
     ]
     if found["missing"]:
-        lines += ["", f"Not projected (no finished run to time): {', '.join(found['missing'])}."]
+        lines += ["", f"Not projected (no finished run with phase timings): {', '.join(found['missing'])}."]
     return "\n".join(lines)
 
 

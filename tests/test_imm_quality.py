@@ -222,6 +222,15 @@ def test_gain_kept_ratio():
     assert found["ci_low"] <= 0.6 <= found["ci_high"]
 
 
+def test_gain_kept_is_flagged_when_self_improvement_gained_nothing():
+    results = synthetic()
+    for seed in (0, 1, 2):  # self_improve's final ID answers = theta0's
+        results["runs"][report.run_key("self_improve", seed)]["history"][-1]["eval/id/correct_bits"] = bits(THETA0_ID)
+    found = report.gain_kept(report.main_lookup(results, "id", "accuracy"), "imm_linear", "self_improve", [0, 1, 2], RESAMPLES)
+    assert np.isnan(found["ratio"]) and np.isnan(found["ci_low"]) and found["baseline_gain"] == 0
+    assert "ratio is not interpretable" in report.verdicts(results, RESAMPLES)[2]
+
+
 def test_holm_adjustment():
     assert report.holm_adjust([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
 
@@ -265,15 +274,41 @@ def test_markdown_marks_partial_results_and_the_plot_is_written(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_projection_scales_each_phase_with_its_budget():
-    measured = {"n_train": 32, "n_eval": 100, "eval_samples": 4, "samples_per_question": 4, "epochs": 1, "iterations": 1}
+def test_phase_cpu_follows_the_callbacks_phases_and_adds_up_over_attempts(tmp_path):
+    import logging
+
+    from imm_trl.progress import PHASE_LOGGER, PHASE_MESSAGE
+
+    path = tmp_path / study.PHASE_CPU_FILE
+    meter, level = study.PhaseCPU(path), logging.getLogger(PHASE_LOGGER).level
+    handler = meter.follow_callback_phases()
+    try:
+        logging.getLogger(PHASE_LOGGER).info(PHASE_MESSAGE, 1, 2, "sampling")
+        logging.getLogger(PHASE_LOGGER).info("iteration %d: reusing the D_t saved in %s", 1, "x")  # not a phase
+        assert meter.current == "sampling"
+        logging.getLogger(PHASE_LOGGER).info(PHASE_MESSAGE, 1, 2, "train")
+    finally:
+        logging.getLogger(PHASE_LOGGER).removeHandler(handler)
+        logging.getLogger(PHASE_LOGGER).setLevel(level)
+    first = json.loads(path.read_text())
+    assert set(first) == {"start-up", "sampling"} and first["start-up"] > 0
+    study.PhaseCPU(path).switch("eval")  # a resumed attempt: its start-up is added to the first's
+    assert json.loads(path.read_text())["start-up"] > first["start-up"]
+
+
+def test_projection_scales_each_phase_cpu_with_its_budget():
+    measured = {"n_train": 32, "n_eval": 100, "eval_samples": 4, "samples_per_question": 4, "epochs": 1, "iterations": 2}
     target = {**measured, "n_train": 256, "n_eval": 1000, "iterations": 4}
-    history = [{"iteration": 1, "seconds/sampling": 10.0, "seconds/train": 20.0, "seconds/eval": 30.0, "seconds/merge": 5.0, "seconds/iteration": 65.0}]
-    one = report.project_run({"arm": "imm_linear", "history": history, "wall_seconds": 165.0, "cpu_seconds": 330.0}, measured, target)
-    assert one["wall_seconds"] == pytest.approx(100 + 4 * (80 + 160 + 300 + 5))
-    assert one["cpu_seconds"] == pytest.approx(2 * one["wall_seconds"])
-    theta0 = report.project_run({"arm": "theta0", "history": [{"iteration": 0, "seconds/eval": 30.0}], "wall_seconds": 130.0, "cpu_seconds": 130.0}, measured, target)
-    assert theta0["wall_seconds"] == pytest.approx(100 + 300)
+    phases = {"start-up": 60.0, "engine start": 40.0, "sampling": 20.0, "train": 40.0, "eval": 60.0, "merge": 10.0}
+    arm = {"arm": "imm_linear", "history": [{"iteration": 1}, {"iteration": 2}], "phase_cpu_seconds": phases}
+    # per iteration: sampling 10 x 8, train 20 x 8, eval 30 x 10, merge 5 (constant)
+    assert report.project_run(arm, measured, target) == pytest.approx(100 + 4 * (80 + 160 + 300 + 5))
+    theta0 = {"arm": "theta0", "history": [{"iteration": 0}], "phase_cpu_seconds": {"start-up": 30.0, "engine start": 20.0, "eval": 30.0}}
+    assert report.project_run(theta0, measured, target) == pytest.approx(50 + 300)
+    results = {"settings": measured, "runs": {"a": arm, "t": theta0}}
+    found = report.projection(results, target, ["theta0", "imm_linear", "imm_paper"], [0, 1, 2])
+    assert found["cpu_seconds"] == pytest.approx(3 * (350 + 100 + 4 * 545)) and found["missing"] == ["imm_paper"]
+    assert "CPU hours" in report.projection_text(found)
 
 
 def test_the_plan_names_every_secondary_comparison():
