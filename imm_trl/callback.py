@@ -68,6 +68,7 @@ from imm_trl.fingerprint import differences, run_fingerprint
 from imm_trl.merging import merger_for
 from imm_trl.merging.quantization import unpack_cpu_4bit_weights
 from imm_trl.sampling.base import as_sampler
+from imm_trl.shared_prefix import share_prompt_prefixes
 from imm_trl.trl_compat import score_labelled_positions_only
 from imm_trl.validation import check_writable_dir
 
@@ -335,7 +336,9 @@ class IMMCallback(TrainerCallback):
         user_output_dir = trainer.args.output_dir
         trainer.args.output_dir = str(checkpoint_dir)
         try:
-            with score_labelled_positions_only():  # see trl_compat: 1.3x faster SFT on a CPU
+            with score_labelled_positions_only(), share_prompt_prefixes(
+                trainer.model, enabled=config.share_prompt_prefixes
+            ):
                 return self._train_one_iteration(resume_from_checkpoint=str(resume_from) if resume_from else None)
         finally:
             trainer.args.output_dir = user_output_dir

@@ -1,0 +1,150 @@
+"""Shared-prefix SFT: the prompt prefix that several rows of a batch share is computed once.
+
+IMM's default suites prompt with few-shot turns of the question's own family, so the rows of a
+training batch share their first 95-160 tokens and differ only in the last 15-25 (question and
+completion). A causal model's hidden states at the shared positions depend on those tokens
+alone, so the backbone runs the prefix once per group of rows, with a KV cache, and each row's
+suffix attends to that cache. The hidden states are those of the ordinary padded forward (up to
+float summation order); autograd sums each row's gradient through the repeated cache, so the
+gradients are those of the ordinary forward too. With batches of 8 mixing two families this
+runs about a third of the tokens (`tests/test_shared_prefix.py` checks the equality,
+`benchmarks/imm_overhead.py` the time).
+
+Only the backbone is wrapped (TRL's fused LM head and loss see the usual `(batch, length, hidden)`
+tensor, zero at padded positions), and only where sharing is exact: right-padded rows, no
+`position_ids` or `inputs_embeds` given (padding-free and sequence-parallel batches pass
+them), no gradient checkpointing (it turns the KV cache off), and a backbone that takes
+`past_key_values`. Every other call runs the original forward unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+MIN_SHARED_TOKENS = 16  # below this a group's extra backbone call costs more than it saves
+
+
+def common_prefix_lengths(input_ids: torch.Tensor, row: int) -> torch.Tensor:
+    """For every row, how many leading tokens it shares with row `row`."""
+    same = (input_ids == input_ids[row]).to(torch.int32)
+    return same.cumprod(dim=1).sum(dim=1)
+
+
+def prefix_groups(
+    input_ids: torch.Tensor, lengths: torch.Tensor, min_shared: int = MIN_SHARED_TOKENS
+) -> list[tuple[list[int], int]]:
+    """Rows grouped by a shared prefix: `(rows, prefix_length)` for each group of two or more rows
+    sharing at least `min_shared` tokens (every row keeps one token of its own), then the other
+    rows as one group with prefix length 0.
+
+    Each group starts from the first row left and takes the prefix length that saves the most
+    tokens, (members - 1) * length: rows that share a long few-shot prefix form a group of their
+    own rather than joining every row that shares only a short system prompt.
+    """
+    remaining, groups, alone = list(range(input_ids.size(0))), [], []
+    while remaining:
+        first = remaining[0]
+        shared = common_prefix_lengths(input_ids[remaining], 0)
+        shared = torch.minimum(shared, lengths[remaining] - 1).tolist()
+        best_saving, best_prefix = 0, 0
+        for prefix in sorted(set(shared)):
+            members = sum(n >= prefix for n in shared)
+            if prefix >= min_shared and members >= 2 and (members - 1) * prefix > best_saving:
+                best_saving, best_prefix = (members - 1) * prefix, prefix
+        if best_prefix:
+            members = [row for row, n in zip(remaining, shared) if n >= best_prefix]
+            groups.append((members, best_prefix))
+            remaining = [row for row in remaining if row not in members]
+        else:
+            alone.append(first)
+            remaining = remaining[1:]
+    return groups + ([(alone, 0)] if alone else [])
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row is ones followed by zeros."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return bool(((positions < lengths).to(attention_mask.dtype) == attention_mask).all())
+
+
+def group_hidden_states(forward, input_ids, attention_mask, rows, prefix, length, kwargs):
+    """The backbone's last hidden states of `rows`, up to `length`, running `prefix` tokens once."""
+    ids, mask = input_ids[rows, :length], attention_mask[rows, :length]
+    if prefix == 0:
+        return forward(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+    shared = forward(input_ids=ids[:1, :prefix], use_cache=True, **kwargs)
+    cache = shared.past_key_values
+    cache.batch_repeat_interleave(len(rows))
+    positions = torch.arange(prefix, length, device=ids.device).expand(len(rows), -1)
+    own = forward(
+        input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions,
+        past_key_values=cache, use_cache=True, **kwargs,
+    ).last_hidden_state
+    return torch.cat([shared.last_hidden_state.expand(len(rows), -1, -1), own], dim=1)
+
+
+def shared_prefix_forward(forward, min_shared: int = MIN_SHARED_TOKENS):
+    """`forward` (a backbone's) computing each group's shared prefix once; see the module doc."""
+
+    def wrapped(input_ids=None, attention_mask=None, **kwargs):
+        kwargs.pop("use_cache", None)
+        shareable = (
+            input_ids is not None and attention_mask is not None and input_ids.size(0) > 1
+            and kwargs.get("position_ids") is None
+            and kwargs.get("inputs_embeds") is None and kwargs.get("past_key_values") is None
+            and is_right_padded(attention_mask)
+        )
+        if not shareable:
+            return forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        lengths = attention_mask.sum(dim=1)
+        groups = prefix_groups(input_ids, lengths, min_shared)
+        if all(prefix == 0 for _, prefix in groups):
+            return forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        pieces, order = [], []
+        for rows, prefix in groups:
+            length = int(lengths[rows].max())
+            hidden = group_hidden_states(forward, input_ids, attention_mask, rows, prefix, length, kwargs)
+            pieces.append(F.pad(hidden, (0, 0, 0, input_ids.size(1) - length)))
+            order += rows
+        hidden = torch.cat(pieces)[torch.tensor(order).argsort()]
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+    return wrapped
+
+
+def backbone_of(model):
+    """The decoder stack a causal LM's forward runs (PEFT and DDP wrappers looked through)."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "base_model", None)
+
+
+@contextlib.contextmanager
+def share_prompt_prefixes(model, enabled: bool = True):
+    """Inside the block, `model`'s backbone computes shared prefixes once (where exact)."""
+    backbone = backbone_of(model)
+    usable = (
+        enabled and backbone is not None and backbone is not model
+        and "past_key_values" in inspect.signature(backbone.forward).parameters
+        and not getattr(backbone, "is_gradient_checkpointing", False)
+    )
+    if not usable:
+        yield
+        return
+    own_forward = backbone.__dict__.get("forward")  # e.g. an accelerate hook's
+    backbone.forward = shared_prefix_forward(backbone.forward)
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del backbone.forward
+        else:
+            backbone.forward = own_forward
