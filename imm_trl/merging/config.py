@@ -357,6 +357,18 @@ class MergeConfig:
 
         return getattr(torch, self.compute_dtype)
 
+    def kernel_kwargs(self, iteration: int = 0) -> dict:
+        """The keyword arguments every merge kernel (`merge_tensors`, `merge_into_`,
+        `merge_low_rank_into_`) takes from this config at IMM iteration `iteration`: the DARE
+        seed is `seed + iteration`, so each iteration drops different elements (0 outside IMM).
+        The ratio and `weights` are per tensor and per call, so they are not here."""
+        return dict(
+            method=self.method,
+            density=self.density,
+            seed=self.seed + iteration,
+            compute_dtype=self.torch_compute_dtype,
+        )
+
     def ratio_map(self, iteration: int = 1) -> RatioMap:
         """The parsed ratio map for IMM iteration `iteration` (1-based)."""
         return ratio_for_iteration(self.ratio, iteration)
