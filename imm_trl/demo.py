@@ -427,7 +427,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         [
             "# imm-trl demo: self-improvement against IMM",
             "",
-            f"Two arms from the same base model θ0 ({recipe['model']['name_or_path']}), on the same "
+            f"Two arms from the same base model θ0 ({recipe['model']['model_name_or_path']}), on the same "
             f"`{recipe['data']['suite']}` questions with the same seeds: {iterations} iterations of "
             f"{imm['samples_per_question']} samples per question on {recipe['data']['n_train']} ID "
             f"training questions, verified answers kept (D_t), {budget} per iteration (LoRA "
@@ -497,12 +497,13 @@ def start_shared_sampler(recipe, display):
         return None
     from transformers import AutoTokenizer
 
+    from imm_trl.loop import DEFAULT_MODEL
     from imm_trl.models import default_model_dir, ensure_chat_ready
     from imm_trl.progress import generation_progress
     from imm_trl.sampling import VLLMSampler, VLLMSamplerConfig
 
-    name = recipe.model.name_or_path
-    model_dir = default_model_dir() if name == "default" else Path(name)
+    name = recipe.model.model_name_or_path
+    model_dir = default_model_dir() if name == DEFAULT_MODEL else Path(name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ensure_chat_ready(tokenizer)
     settings = VLLMSamplerConfig(**recipe.imm.get("sampler_kwargs", {}))
