@@ -236,20 +236,9 @@ def plot_diversity(rows: Sequence[dict[str, Any]], path: Path) -> None:
         iterations = [row["iteration"] for row in curve]
         for name, style in zip(SETS, ("-", "--"), strict=True):
             label = f"{arm_title(arm)} {name.upper()}"
-            left.plot(
-                iterations,
-                [row[f"{name}_distinct_2"] for row in curve],
-                style,
-                marker="o",
-                label=label,
-            )
-            right.plot(
-                iterations,
-                [row[f"{name}_answer_entropy"] for row in curve],
-                style,
-                marker="o",
-                label=label,
-            )
+            for axes, metric in ((left, "distinct_2"), (right, "answer_entropy")):
+                values = [row[f"{name}_{metric}"] for row in curve]
+                axes.plot(iterations, values, style, marker="o", label=label)
     for axes, label in ((left, "distinct-2"), (right, "answer entropy (bits)")):
         axes.set_xticks(sorted({row["iteration"] for row in rows}))
         axes.set_xlabel("iteration (0 = base model θ0)")
