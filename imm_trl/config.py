@@ -296,7 +296,7 @@ class IMMConfig:
         check_density_applies(self.merge_method, self.density)
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: choose one")
-        from imm_trl.step_mode import check_step_mode_fields
+        from imm_trl.step_mode_checks import check_step_mode_fields
 
         check_step_mode_fields(self)
         # Step mode has one schedule entry per merge, checked when the run's length is known.

@@ -2,7 +2,7 @@
 
 A recipe is a YAML file with one section per component (torchtune style):
 
-    model: {name_or_path: default, dtype: float32}      # ModelArguments
+    model: {model_name_or_path: default, dtype: float32}  # trl.ModelConfig
     data:  {suite: default, n_train: 200, n_eval: 100}  # DataArguments
     peft:  {r: 16, lora_alpha: 32, target_modules: all-linear}   # LoraConfig; null = full FT
     sft:   {learning_rate: 1.0e-4, max_steps: 20, ...}  # trl.SFTConfig
@@ -25,35 +25,17 @@ import yaml
 from imm_trl.validation import check_choice, check_dataclass, check_values, check_writable_dir
 
 SECTIONS = ("model", "data", "peft", "sft", "imm")
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# `model_name_or_path: default` is the offline SmolLM2-135M-Instruct (imm_trl.models).
+DEFAULT_MODEL = "default"
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# trl.ModelConfig's adapter fields: read by trl.get_peft_config only with `use_peft: true`.
+MODEL_PEFT_KEYS = frozenset(
+    {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+     "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora"}
+)
 # SFTConfig's own checks of this machine's hardware (bf16 on a CPU) are left to the trainer:
 # a recipe for a GPU must still validate on a laptop.
 HARDWARE_NEUTRAL_SFT = {"bf16": False, "fp16": False, "use_cpu": True}
-
-
-@dataclass
-class ModelArguments:
-    """Recipe section `model`: which model to start from (theta0) and how to load it."""
-
-    name_or_path: str = field(
-        default="default",
-        metadata={"help": "A model directory or hub id; 'default' = the offline SmolLM2-135M-Instruct."},
-    )
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in NF4."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (LLM.int8)."})
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "e.g. sdpa or flash_attention_2; None = transformers' default."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with the checkpoint (off by default)."}
-    )
-
-    def __post_init__(self) -> None:
-        check_dataclass(self)
-        check_choice("model.dtype", self.dtype, MODEL_DTYPES)
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("model: load_in_4bit and load_in_8bit are both true; choose one")
 
 
 @dataclass
@@ -84,7 +66,7 @@ class DataArguments:
 class Recipe:
     """A parsed, validated recipe."""
 
-    model: ModelArguments
+    model: Any  # trl.ModelConfig
     data: DataArguments
     peft: dict[str, Any] | None
     sft: dict[str, Any]
@@ -166,11 +148,15 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
 
     from imm_trl.config import IMMConfig
 
-    model = dict(recipe_section(raw, "model") or {})
+    model = parse_model_section(recipe_section(raw, "model") or {})
     data = dict(recipe_section(raw, "data") or {})
-    check_keys("model", model, {f.name for f in fields(ModelArguments)})
     check_keys("data", data, {f.name for f in fields(DataArguments)})
     peft = recipe_section(raw, "peft")
+    if peft is not None and model.use_peft:
+        raise ValueError(
+            "recipe gives the adapter twice: a `peft` section and model.use_peft: true; keep "
+            "one (the `peft` section takes any peft.LoraConfig field)"
+        )
     if peft is not None:
         check_keys("peft", peft, {f.name for f in fields(LoraConfig)})
         check_values("peft", peft, LoraConfig)  # LoraConfig does not check types itself
@@ -185,8 +171,8 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
     )
     imm = dict(recipe_section(raw, "imm") or {})
     check_keys("imm", imm, {f.name for f in fields(IMMConfig)} | {"preset"})
-    recipe = Recipe(ModelArguments(**model), DataArguments(**data), peft, sft, imm)
-    if (recipe.model.load_in_4bit or recipe.model.load_in_8bit) and peft is None:
+    recipe = Recipe(model, DataArguments(**data), peft, sft, imm)
+    if (model.load_in_4bit or model.load_in_8bit) and peft is None and not model.use_peft:
         raise ValueError(
             "a quantized base can only be trained through an adapter: add a `peft` section"
         )
@@ -222,28 +208,72 @@ def load_questions(data: DataArguments):
     return train, eval_sets
 
 
-def load_model(args: ModelArguments):
+def parse_model_section(values: dict[str, Any]):
+    """Recipe section `model` as a `trl.ModelConfig` (TRL's own model arguments), checked
+    before anything loads. `model_name_or_path` defaults to the offline default model;
+    `name_or_path`, this section's key before it followed TRL, still reads as it."""
+    from trl import ModelConfig
+
+    values = dict(values)
+    if "name_or_path" in values:
+        if "model_name_or_path" in values:
+            raise ValueError("model: give model_name_or_path only (name_or_path is its old name)")
+        values["model_name_or_path"] = values.pop("name_or_path")
+    values = {"model_name_or_path": DEFAULT_MODEL, **values}
+    check_keys("model", values, {f.name for f in fields(ModelConfig)})
+    check_values("model", values, ModelConfig)
+    if values["model_name_or_path"] is None or not str(values["model_name_or_path"]).strip():
+        raise ValueError(
+            f"model.model_name_or_path is empty; give a model directory or hub id, or "
+            f"{DEFAULT_MODEL!r} for the offline default model"
+        )
+    check_choice("model.dtype", values.get("dtype", "float32"), MODEL_DTYPES)
+    if values.get("load_in_4bit") and values.get("load_in_8bit"):
+        raise ValueError("model: load_in_4bit and load_in_8bit are both true; choose one")
+    adapter_keys = sorted(MODEL_PEFT_KEYS & set(values))
+    if adapter_keys and not values.get("use_peft"):
+        raise ValueError(
+            f"model: {adapter_keys} are read only with model.use_peft: true; add it, or put "
+            "the adapter in a `peft` section (peft.LoraConfig fields)"
+        )
+    return checked_section("model", values, ModelConfig)
+
+
+def load_model(config):
+    """The model and tokenizer of a `trl.ModelConfig`, quantized by TRL's
+    `get_quantization_config` when it asks for 4 or 8 bits."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_quantization_config
 
     from imm_trl.models import default_model_dir, ensure_chat_ready
 
-    path = str(default_model_dir()) if args.name_or_path == "default" else args.name_or_path
-    dtype = getattr(torch, args.dtype)
-    quantization = None
-    if args.load_in_4bit:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
-    elif args.load_in_8bit:
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    name = config.model_name_or_path
+    path = str(default_model_dir()) if name == DEFAULT_MODEL else name
+    # Fields TRL has had in some versions only: trust_remote_code (dropped after 1.0).
+    trust_remote_code = getattr(config, "trust_remote_code", False)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=quantization,
-        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
+        path,
+        revision=config.model_revision,
+        dtype=config.dtype if config.dtype == "auto" else getattr(torch, config.dtype),
+        quantization_config=get_quantization_config(config),
+        attn_implementation=config.attn_implementation,
+        trust_remote_code=trust_remote_code,
     )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=config.model_revision, trust_remote_code=trust_remote_code
+    )
     ensure_chat_ready(tokenizer)
     return model, tokenizer
+
+
+def peft_config(recipe: Recipe):
+    """The adapter of a recipe: its `peft` section, else TRL's from model.use_peft (None: full
+    fine-tuning)."""
+    from peft import LoraConfig
+    from trl import get_peft_config
+
+    return LoraConfig(**recipe.peft) if recipe.peft is not None else get_peft_config(recipe.model)
 
 
 def seed_dataset(train):
@@ -261,7 +291,6 @@ def seed_dataset(train):
 def build_trainer(recipe: Recipe, sampler=None):
     """The `SFTTrainer` with `IMMCallback` that a user would write for this recipe (sampling
     through `sampler` when given, else the callback's own)."""
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from imm_trl.callback import IMMCallback
@@ -279,7 +308,7 @@ def build_trainer(recipe: Recipe, sampler=None):
         args=SFTConfig(**recipe.sft),
         train_dataset=seed_dataset(train),
         processing_class=tokenizer,
-        peft_config=LoraConfig(**recipe.peft) if recipe.peft is not None else None,
+        peft_config=peft_config(recipe),
     )
     callback = IMMCallback(trainer, imm_config, sampler=sampler)
     trainer.add_callback(callback)

@@ -63,7 +63,7 @@ RANGES: dict[str, Interval] = {
     "real_data_ratio": Interval(0, 1, high_open=True),
 }
 # Text settings that name something (a column, a model) and so cannot be empty.
-NON_EMPTY_TEXT = frozenset({"question_column", "gold_column", "solution_column", "name_or_path"})
+NON_EMPTY_TEXT = frozenset({"question_column", "gold_column", "solution_column"})
 
 
 def describe(annotation: Any) -> str:

@@ -354,7 +354,7 @@ CASES = [
     Case("--data.n_eval 0", "config", recipe_file(MINIMAL_RECIPE, "--data.n_eval", "0"),
          ValueError, r"DataArguments\.n_eval must be >= 1 \(got 0\)"),
     Case("--model.dtype float33", "config", recipe_file(MINIMAL_RECIPE, "--model.dtype", "float33"),
-         ValueError, r"model\.dtype must be one of float32, bfloat16, float16 \(got 'float33'\)"),
+         ValueError, r"model\.dtype must be one of float32, bfloat16, float16, auto \(got 'float33'\)"),
     Case("--model.load_in_4bit 'yes' (quoted)", "config",
          recipe({"model": {"load_in_4bit": "yes"}, "peft": {}}), TypeError,
          r"load_in_4bit must be true or false \(got 'yes'"),

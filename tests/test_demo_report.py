@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imm_trl.demo import (
+from imm_trl.demo import QUICK, DemoConfig, add_demo_parser, arm_recipes, demo_recipe, history_entry
+from imm_trl.demo_report import (
     CONSOLE_COLUMNS,
-    QUICK,
     THETA0,
-    DemoConfig,
-    add_demo_parser,
-    arm_recipes,
-    demo_recipe,
     format_paired_table,
     format_table,
-    history_entry,
     paired_comparisons,
     parse_table,
     side_by_side_rows,

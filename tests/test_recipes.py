@@ -35,7 +35,7 @@ def test_every_recipe_parses_and_validates(path):
 def test_the_paper_recipe_is_the_papers_setup():
     recipe = load_recipe(RECIPES[[p.stem for p in RECIPES].index("paper")])
     imm = IMMConfig.from_dict(recipe.imm)
-    assert recipe.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and recipe.peft is None
+    assert recipe.model.model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and recipe.peft is None
     assert (imm.merge_method, imm.density, imm.merge_ratio, imm.iterations) == ("dare_linear", 0.8, 0.5, 3)
     assert (imm.samples_per_question, imm.temperature) == (3, 0.0)
     sft = recipe.sft
@@ -112,4 +112,64 @@ def test_run_config_default_resolves_to_the_packaged_recipe(monkeypatch, tmp_pat
     args = parser.parse_args(["run", "--config", "default"])
     args.overrides = ["--imm.iterations", "2"]
     assert args.func(args) == 0
-    assert seen["recipe"].imm["iterations"] == 2 and seen["recipe"].model.name_or_path == "default"
+    assert seen["recipe"].imm["iterations"] == 2 and seen["recipe"].model.model_name_or_path == "default"
+
+
+# -- the model section is trl.ModelConfig ------------------------------------------------------
+
+
+def test_model_section_is_trls_model_config_with_the_offline_default():
+    from trl import ModelConfig
+
+    model = parse_recipe({"model": {"dtype": "bfloat16", "attn_implementation": "sdpa"}}).model
+    assert isinstance(model, ModelConfig)
+    assert (model.model_name_or_path, model.dtype, model.attn_implementation) == ("default", "bfloat16", "sdpa")
+
+
+def test_model_name_or_path_keeps_its_old_name():
+    model = parse_recipe({"model": {"name_or_path": "some/model"}}).model
+    assert model.model_name_or_path == "some/model"
+    with pytest.raises(ValueError, match="give model_name_or_path only"):
+        parse_recipe({"model": {"name_or_path": "a", "model_name_or_path": "b"}})
+
+
+def test_trl_style_adapter_from_model_use_peft():
+    from imm_trl.loop import peft_config
+
+    recipe = parse_recipe({"model": {"use_peft": True, "lora_r": 8, "lora_target_modules": ["q_proj", "v_proj"], "load_in_4bit": True}})
+    adapter = peft_config(recipe)
+    assert (adapter.r, adapter.target_modules, adapter.lora_alpha) == (8, {"q_proj", "v_proj"}, 32)
+    assert peft_config(parse_recipe({})) is None  # no adapter: full fine-tuning
+    assert peft_config(parse_recipe({"peft": {"r": 4}})).r == 4
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model": {"use_peft": True}, "peft": {"r": 4}}, "adapter twice"),
+        ({"model": {"lora_r": 8}}, r"\['lora_r'\] are read only with model.use_peft: true"),
+        ({"model": {"model_name_or_path": " "}}, "model_name_or_path is empty"),
+        ({"model": {"dtype": "fp32"}}, "model.dtype must be one of"),
+    ],
+)
+def test_bad_model_sections_are_clear_errors(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(raw)
+
+
+def test_load_model_quantizes_through_trl(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from imm_trl import loop
+    from imm_trl.models import tiny_model
+
+    model, tokenizer = tiny_model()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    seen = {}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kwargs: seen.update(kwargs) or model)
+    config = parse_recipe({"model": {"model_name_or_path": str(tmp_path), "load_in_4bit": True}, "peft": {}}).model
+    assert loop.load_model(config)[0] is model
+    quantization = seen["quantization_config"]
+    assert isinstance(quantization, BitsAndBytesConfig) and quantization.load_in_4bit
+    assert quantization.bnb_4bit_quant_type == "nf4"

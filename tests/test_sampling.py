@@ -1,5 +1,9 @@
 """HF sampling backend on the tiny model (fast tier) and on the real default model."""
 
+import os
+import sys
+import types
+
 import pytest
 import torch
 
@@ -160,3 +164,70 @@ def test_hf_fast_top_p_samples_like_transformers_top_p(tiny):
     fast = HFSampler(model, tokenizer, quiet(HFSamplerConfig(fast_top_p=True)))
     stock = HFSampler(model, tokenizer, quiet(HFSamplerConfig(fast_top_p=False)))
     assert fast.generate(CHAT_PROMPTS, 2, params) == stock.generate(CHAT_PROMPTS, 2, params)
+
+
+# -- VLLMSampler's environment, with a stand-in engine (no vLLM needed) -------------------------
+
+ENGINE_VARIABLES = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_AOT_COMPILE")
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A `vllm` module whose `LLM` records the engine variables it was built under (or fails)."""
+
+    from imm_trl.sampling import vllm_backend
+
+    built = []
+
+    class FakeLLM:
+        fail = False
+
+        def __init__(self, **kwargs):
+            built.append({name: os.environ.get(name) for name in ENGINE_VARIABLES})
+            if FakeLLM.fail:
+                raise RuntimeError("engine failed to start")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setattr(vllm_backend, "_on_cpu", lambda: True)
+    for name in ENGINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return FakeLLM, built
+
+
+def vllm_sampler(**config):
+    from imm_trl.sampling.vllm_backend import VLLMSampler, VLLMSamplerConfig
+
+    return VLLMSampler("model-dir", None, VLLMSamplerConfig(fast_top_p=False, **config))
+
+
+def test_vllm_engine_variables_hold_only_while_the_engine_is_built(fake_vllm):
+    _, built = fake_vllm
+    vllm_sampler()
+    assert built == [{"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_AOT_COMPILE": "0"}]
+    assert [name for name in ENGINE_VARIABLES if name in os.environ] == []
+
+
+def test_vllm_engine_variables_keep_the_users_values(fake_vllm, monkeypatch):
+    _, built = fake_vllm
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    vllm_sampler()  # in process: the engine needs multiprocessing off; AOT: the user's choice
+    assert built == [{"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_AOT_COMPILE": "1"}]
+    assert {name: os.environ[name] for name in ENGINE_VARIABLES} == {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "VLLM_USE_AOT_COMPILE": "1",
+    }
+
+
+def test_vllm_engine_variables_are_restored_when_the_engine_fails(fake_vllm):
+    fake_llm, built = fake_vllm
+    fake_llm.fail = True
+    with pytest.raises(RuntimeError, match="engine failed to start"):
+        vllm_sampler()
+    assert built and [name for name in ENGINE_VARIABLES if name in os.environ] == []
+
+
+def test_vllm_out_of_process_engine_leaves_multiprocessing_alone(fake_vllm):
+    _, built = fake_vllm
+    vllm_sampler(in_process=False)
+    assert built == [{"VLLM_ENABLE_V1_MULTIPROCESSING": None, "VLLM_USE_AOT_COMPILE": "0"}]

@@ -1,12 +1,15 @@
 """The TRL workaround: the fused LM head scores only labelled positions inside the block, with
 the same log-probabilities, and TRL is restored after it."""
 
+import pytest
 import torch
-from trl.kernels import chunked_logprob
 from trl.trainer import utils as trl_utils
 
 from imm_trl.models import tiny_model
 from imm_trl.trl_compat import score_labelled_positions_only
+
+# The fused LM head came with TRL's kernels; on older TRL the workaround is a no-op.
+chunked_logprob = pytest.importorskip("trl.kernels").chunked_logprob
 
 
 def test_fused_lm_head_scores_only_labelled_positions_with_the_same_log_probs(monkeypatch):

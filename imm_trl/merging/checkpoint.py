@@ -27,11 +27,9 @@ import torch
 
 from imm_trl.files import publish_directory, remove_stale_staging, staging_directory
 from imm_trl.merging.config import (
+    MergeConfig,
     Ratio,
     RatioMap,
-    check_density,
-    check_density_applies,
-    check_method,
     check_ratio_patterns,
     merge_method,
     parse_ratio,
@@ -103,10 +101,15 @@ def merge_checkpoints(
     Returns:
         `Path`: The output directory.
     """
-    check_method(method)
-    check_density(density)
-    check_density_applies(method, density)
-    ratio_map = parse_ratio(ratio)
+    config = MergeConfig(
+        method=method,
+        ratio=ratio,
+        density=density,
+        seed=seed,
+        weights=None if weights is None else [float(w) for w in weights],
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
+    )
+    ratio_map = parse_ratio(config.ratio)  # one ratio (or map) for every tensor, no schedule
     base_dir = Path(base_dir)
     tuned_list = (
         [Path(tuned_dirs)]
@@ -136,14 +139,7 @@ def merge_checkpoints(
         remove_stale_staging(out_dir.parent)
         with staging_directory(out_dir) as staging:
             writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes, fsync=fsync)
-            settings = dict(
-                method=method,
-                density=density,
-                seed=seed,
-                weights=weights,
-                compute_dtype=compute_dtype,
-            )
-            stream_merge(base, tuned_readers, planned, writer, ratio_map, settings)
+            stream_merge(base, tuned_readers, planned, writer, ratio_map, config)
             writer.finish()
             copy_model_files(base_dir, staging)
             if out_dir.exists() and not overwrite:
@@ -236,7 +232,7 @@ def _few(names: list[str], limit: int = 5) -> str:
 
 
 def merge_one(
-    name: str, base: torch.Tensor, tuned: list[torch.Tensor], ratio: float, settings: dict
+    name: str, base: torch.Tensor, tuned: list[torch.Tensor], ratio: float, config: MergeConfig
 ) -> torch.Tensor:
     """Merge one tensor read from disk and refuse a non-finite result."""
     if not base.is_floating_point():
@@ -245,7 +241,9 @@ def merge_one(
                 f"integer tensor {name} differs between checkpoints; it cannot be merged"
             )
         return base
-    merged = merge_tensors(base, tuned, ratio=ratio, name=name, **settings)
+    merged = merge_tensors(
+        base, tuned, ratio=ratio, name=name, weights=config.weights, **config.kernel_kwargs()
+    )
     _refuse_non_finite(name, merged)
     return merged
 
@@ -306,18 +304,18 @@ def stream_merge(
     planned: list[PlannedTensor],
     writer: ShardedSafetensorsWriter,
     ratio_map: RatioMap,
-    settings: dict,
+    config: MergeConfig,
 ) -> None:
     """Read, merge and write every tensor in pieces of STREAM_CHUNK elements through a few
     reused buffers; the next read (with the drawing of its DARE masks) and the previous write
     run in background threads while the current piece is merged. Memory: IN_FLIGHT buffer
     sets (plus whole tensors for TIES)."""
-    units = plan_units(planned, settings["method"])
+    units = plan_units(planned, config.method)
     free: queue.Queue[BufferSet] = queue.Queue()
     for _ in range(IN_FLIGHT):
         free.put(BufferSet(len(tuned)))
     stop = threading.Event()
-    scratch = new_scratch(MERGE_CHUNK, len(tuned), settings["compute_dtype"], "cpu")
+    scratch = new_scratch(MERGE_CHUNK, len(tuned), config.torch_compute_dtype, "cpu")
 
     def take_buffers() -> BufferSet:
         while True:
@@ -327,7 +325,7 @@ def stream_merge(
                 if stop.is_set():
                     raise RuntimeError("merge aborted") from None
 
-    draws_masks = merge_method(settings["method"]).draws_masks and settings["density"] < 1.0
+    draws_masks = merge_method(config.method).draws_masks and config.density < 1.0
 
     def read(unit: WorkUnit):
         name = unit.tensor.name
@@ -342,8 +340,8 @@ def stream_merge(
         if draws_masks:  # NumPy draws them without the GIL, beside the merge of the last piece
             masks = dare_masks(
                 unit.count,
-                settings["density"],
-                settings["seed"],
+                config.density,
+                config.seed,
                 name,
                 unit.start,
                 len(tuned),
@@ -369,11 +367,11 @@ def stream_merge(
                     next_read = reader_pool.submit(read, units[position + 1])
                 ratio = ratio_map.ratio_for(unit.tensor.name)
                 if unit.whole:
-                    merged = merge_one(unit.tensor.name, base_piece, tuned_pieces, ratio, settings)
+                    merged = merge_one(unit.tensor.name, base_piece, tuned_pieces, ratio, config)
                 else:
                     out = buffers.views(unit.tensor.dtype, unit.count)[-1]
                     merged = merge_piece(
-                        unit, base_piece, tuned_pieces, out, ratio, settings, scratch, masks
+                        unit, base_piece, tuned_pieces, out, ratio, config, scratch, masks
                     )
                 if pending_write is not None:
                     pending_write.result()
@@ -391,26 +389,22 @@ def merge_piece(
     tuned: list[torch.Tensor],
     out: torch.Tensor,
     ratio: float,
-    settings: dict,
+    config: MergeConfig,
     scratch: Scratch,
     masks: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merge one streamed piece (elementwise methods) into `out` and refuse NaN/Inf; `masks`
     are the piece's DARE masks when already drawn."""
-    weights = settings["weights"]
-    weights = [1.0] * len(tuned) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(tuned) if config.weights is None else config.weights
     for begin in range(0, unit.count, MERGE_CHUNK):
         end = min(begin + MERGE_CHUNK, unit.count)
         merge_flat(
             base[begin:end],
             [t[begin:end] for t in tuned],
-            method=settings["method"],
             ratio=ratio,
-            density=settings["density"],
-            seed=settings["seed"],
             weights=weights,
             name=unit.tensor.name,
-            compute_dtype=settings["compute_dtype"],
+            **config.kernel_kwargs(),
             start=unit.start + begin,
             out=out[begin:end],
             scratch=scratch,

@@ -31,57 +31,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from imm_trl.merging.functional import MERGE_METHODS
+from imm_trl.merging.methods import (  # noqa: F401 (MERGE_METHODS, MergeMethod: re-exported)
+    MERGE_METHODS,
+    METHOD_TABLE,
+    MergeMethod,
+    merge_method,
+)
 from imm_trl.validation import RANGES
 
 Ratio = float | Mapping[str, float]
 RatioSchedule = Ratio | Sequence[Ratio]
-
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """What a merge method does to the delta theta - theta0, as data (mergekit's registry
-    style): callers ask these fields instead of testing method names."""
-
-    name: str
-    sparsification: str | None  # None; "random": DARE's Bernoulli(density) keep mask; "magnitude": TIES' top-density trim
-    consensus: str | None  # None, or "sign": TIES' sign election and disjoint mean over models
-    rescale: bool  # kept elements are divided by density (DARE), so merged values can exceed theta
-    elementwise: bool  # each output element needs only the same element of the inputs (chunkable)
-
-    @property
-    def uses_density(self) -> bool:
-        return self.sparsification is not None
-
-    @property
-    def keeps_every_element(self) -> bool:
-        """A plain linear combination: no sparsification, no consensus."""
-        return self.sparsification is None and self.consensus is None
-
-    @property
-    def draws_masks(self) -> bool:
-        return self.sparsification == "random"
-
-    @property
-    def in_place(self) -> bool:
-        """Whether `merge_into_` can write it into the weight in place (no consensus step)."""
-        return self.consensus is None
-
-
-# The merge kernels in `imm_trl.merging.functional`, described (same order as MERGE_METHODS).
-METHOD_TABLE: dict[str, MergeMethod] = {
-    "linear": MergeMethod("linear", None, None, rescale=False, elementwise=True),
-    "dare_linear": MergeMethod("dare_linear", "random", None, rescale=True, elementwise=True),
-    "ties": MergeMethod("ties", "magnitude", "sign", rescale=False, elementwise=False),
-    "dare_ties": MergeMethod("dare_ties", "random", "sign", rescale=True, elementwise=True),
-}
-
-
-def merge_method(name: str) -> MergeMethod:
-    """The `MergeMethod` called `name` (a ValueError naming the choices if there is none)."""
-    return METHOD_TABLE[check_method(name)]
-
 
 # The methods whose delta operator reads `density`; linear keeps every element.
 DENSITY_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.uses_density)
@@ -92,11 +51,7 @@ _RANGE_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<start>\d+)(?P<dash>-)?(?P<end>\d+
 
 def check_method(method: str) -> str:
     """Return `method` if it is a known merge method, else raise a ValueError naming the choices."""
-    if method not in MERGE_METHODS:
-        raise ValueError(
-            f"unknown merge method {method!r}; choose one of: {', '.join(MERGE_METHODS)}"
-        )
-    return method
+    return merge_method(method).name
 
 
 def check_density(density: float) -> float:
@@ -401,6 +356,18 @@ class MergeConfig:
         import torch
 
         return getattr(torch, self.compute_dtype)
+
+    def kernel_kwargs(self, iteration: int = 0) -> dict:
+        """The keyword arguments every merge kernel (`merge_tensors`, `merge_into_`,
+        `merge_low_rank_into_`) takes from this config at IMM iteration `iteration`: the DARE
+        seed is `seed + iteration`, so each iteration drops different elements (0 outside IMM).
+        The ratio and `weights` are per tensor and per call, so they are not here."""
+        return dict(
+            method=self.method,
+            density=self.density,
+            seed=self.seed + iteration,
+            compute_dtype=self.torch_compute_dtype,
+        )
 
     def ratio_map(self, iteration: int = 1) -> RatioMap:
         """The parsed ratio map for IMM iteration `iteration` (1-based)."""

@@ -1,7 +1,8 @@
 """Merge kernels: small pure functions over tensors, no hidden state.
 
 Every merge in imm-trl is `result = base + ratio * M(tuned - base)`, where `M` is the delta
-operator of the method (DESIGN.md section 1). The functions below compute deltas, prune them
+operator of the method (docs/design.md, "The method"; the operators are described as
+data in `imm_trl.merging.methods`). The functions below compute deltas, prune them
 (DARE, TIES), combine several of them, and apply the result to a base tensor. Definitions of
 TIES follow `peft.utils.merge_utils` (magnitude top-k, sign elected by total mass, disjoint
 mean); DARE differs from PEFT in one way only: its keep mask comes from random numbers keyed
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MERGE_METHODS = ("linear", "dare_linear", "ties", "dare_ties")
+from imm_trl.merging.methods import MERGE_METHODS, merge_method  # noqa: F401 (MERGE_METHODS: re-exported)
 
 # DARE masks are drawn in fixed blocks of flat element indices, each from its own generator
 # keyed by (seed, tensor name, block number): any slice of a tensor regenerates exactly the
@@ -272,24 +273,18 @@ def combine_deltas(
     """
     if len(deltas) != len(weights):
         raise ValueError(f"got {len(deltas)} tuned tensors but {len(weights)} weights")
-    if method == "linear":
-        return weighted_sum(deltas, weights)
-    if method in ("dare_linear", "dare_ties"):
-        if density < 1.0:
-            if masks is None:
-                masks = dare_masks(deltas[0].numel(), density, seed, name, start, len(deltas))
-            deltas = [
-                dare_prune_(d if inplace else d.clone(), keep.to(d.device).view(d.shape), density)
-                for d, keep in zip(deltas, masks, strict=True)
-            ]
-        if method == "dare_linear":
-            return weighted_sum(deltas, weights)
-    elif method == "ties":
+    spec = merge_method(method)
+    if spec.draws_masks and density < 1.0:
+        if masks is None:
+            masks = dare_masks(deltas[0].numel(), density, seed, name, start, len(deltas))
+        deltas = [
+            dare_prune_(d if inplace else d.clone(), keep.to(d.device).view(d.shape), density)
+            for d, keep in zip(deltas, masks, strict=True)
+        ]
+    elif spec.sparsification == "magnitude":
         deltas = [magnitude_prune(d, density) for d in deltas]
-    else:
-        raise ValueError(
-            f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}"
-        )
+    if spec.consensus is None:
+        return weighted_sum(deltas, weights)
     stacked = torch.stack(list(deltas), dim=0)
     agree = majority_sign_mask(stacked)
     weight_column = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
@@ -372,7 +367,7 @@ def merge_flat(
         buffer[:count].view(base.shape).copy_(other).sub_(base_compute)
         for buffer, other in zip(scratch.deltas, tuned, strict=False)
     ]
-    if masks is None and method in ("dare_linear", "dare_ties") and density < 1.0:
+    if masks is None and merge_method(method).draws_masks and density < 1.0:
         masks = dare_masks(count, density, seed, name, start, len(tuned), out=scratch.masks)
     delta = combine_deltas(
         deltas,
@@ -469,7 +464,7 @@ def merge_tensors(
         name=name,
         compute_dtype=compute_dtype,
     )
-    if method == "ties" or base.numel() <= MERGE_CHUNK:
+    if not merge_method(method).elementwise or base.numel() <= MERGE_CHUNK:
         return merge_flat(base, tuned_list, **settings)
     flat_base = base.reshape(-1)
     flat_tuned = [other.reshape(-1) for other in tuned_list]
@@ -520,7 +515,8 @@ def merge_into_(
         `torch.Tensor`: `current`.
     """
     theta0 = theta0.to(current.device)
-    if method not in ("linear", "dare_linear"):
+    spec = merge_method(method)
+    if not spec.in_place:
         tuned = (
             current.to(compute_dtype)
             if update is None
@@ -543,7 +539,7 @@ def merge_into_(
             current.add_(update.to(compute_dtype))
         base = theta0.to(compute_dtype)
         current.sub_(base)
-        if method == "dare_linear" and density < 1.0:
+        if spec.draws_masks and density < 1.0:
             dare_prune_(
                 current,
                 dare_keep_mask(current.shape, density, seed, name, device=current.device),
@@ -564,7 +560,7 @@ def merge_into_(
         if flat_update is not None:
             tuned.add_(update_work[: end - begin].copy_(flat_update[begin:end]))
         tuned.sub_(base)
-        if method == "dare_linear" and density < 1.0:
+        if spec.draws_masks and density < 1.0:
             keep = dare_keep_mask(
                 (end - begin,), density, seed, name, begin, current.device, out=mask_work
             )
@@ -637,7 +633,7 @@ def merge_low_rank_into_(
     work_buffer = reusable_buffer(buffers, "work", size, compute_dtype)
     current_buffer = reusable_buffer(buffers, "current", size, compute_dtype) if current.dtype != compute_dtype else None
     theta0_buffer = reusable_buffer(buffers, "theta0", size, compute_dtype) if theta0.dtype != compute_dtype else None
-    prune = method == "dare_linear" and density < 1.0
+    prune = merge_method(method).draws_masks and density < 1.0
     mask_buffer = reusable_buffer(buffers, "mask", size, torch.bool) if prune else None
 
     def in_compute_dtype(tensor: torch.Tensor, buffer: torch.Tensor | None, count: int) -> torch.Tensor:

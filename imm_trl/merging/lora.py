@@ -241,12 +241,6 @@ class LoraMerger:
         at construction are the ones merged."""
         ratio_map = parse_ratio(ratio) if ratio is not None else self.config.ratio_map(iteration)
         reader = CheckpointReader(self.theta0_dir) if self.theta0_dir is not None else None
-        settings = dict(
-            method=self.config.method,
-            density=self.config.density,
-            seed=self.config.seed + iteration,
-            compute_dtype=self.config.torch_compute_dtype,
-        )
         try:
             per_thread = threading.local()  # each merge thread reuses its own work buffers
 
@@ -254,7 +248,7 @@ class LoraMerger:
                 if not hasattr(per_thread, "buffers"):
                     per_thread.buffers = {}
                 ratio = ratio_map.ratio_for(target.name)
-                self._merge_target(target, ratio, reader, settings, per_thread.buffers)
+                self._merge_target(target, ratio, reader, iteration, per_thread.buffers)
 
             for_each_tensor(
                 merge_one,
@@ -269,7 +263,7 @@ class LoraMerger:
                     saved.trained.detach(),
                     ratio=ratio_map.ratio_for(saved.name),
                     name=saved.name,
-                    **settings,
+                    **self.config.kernel_kwargs(iteration),
                 )
                 saved.original.copy_(merged)
                 saved.trained.copy_(merged)
@@ -279,12 +273,13 @@ class LoraMerger:
         if reset:
             self.reset_adapter()
 
-    def _merge_target(self, target: MergeTarget, ratio: float, reader, settings: dict, buffers: dict) -> None:
+    def _merge_target(self, target: MergeTarget, ratio: float, reader, iteration: int, buffers: dict) -> None:
         layer_weight = target.base_layer.weight
         current = target.master if target.quantized else layer_weight.data
         theta0 = reader.read(target.name) if reader is not None else target.theta0
         theta0 = theta0.to(current.device, dtype=current.dtype)
-        if self._low_rank_mergeable(target, current, settings):
+        settings = self.config.kernel_kwargs(iteration)
+        if self._low_rank_mergeable(target, current):
             layer = target.layers[0]
             merge_low_rank_into_(
                 current,
@@ -306,7 +301,7 @@ class LoraMerger:
         if target.quantized:
             requantize(target.base_layer, target.master)
 
-    def _low_rank_mergeable(self, target: MergeTarget, current: torch.Tensor, settings: dict) -> bool:
+    def _low_rank_mergeable(self, target: MergeTarget, current: torch.Tensor) -> bool:
         """Whether `merge_low_rank_into_` computes exactly what PEFT's dW would give: one plain
         LoRA Linear (no tied weights, no fan_in_fan_out), everything on the CPU, an elementwise
         method in fp32."""
@@ -321,8 +316,8 @@ class LoraMerger:
             and current.dim() == 2
             and current.is_contiguous()
             and layer.lora_B[self.adapter].weight.device.type == "cpu"
-            and merge_method(settings["method"]).in_place
-            and settings["compute_dtype"] == torch.float32
+            and merge_method(self.config.method).in_place
+            and self.config.torch_compute_dtype == torch.float32
         )
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:

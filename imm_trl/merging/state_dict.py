@@ -222,15 +222,10 @@ class FullWeightMerger:
             name, param = named
             theta0 = reader.read(name) if reader is not None else self._theta0[name]
             settings = dict(
-                method=self.config.method,
-                ratio=ratio_map.ratio_for(name),
-                density=self.config.density,
-                seed=self.config.seed + iteration,
-                name=name,
-                compute_dtype=self.config.torch_compute_dtype,
+                ratio=ratio_map.ratio_for(name), name=name, **self.config.kernel_kwargs(iteration)
             )
             if (
-                merge_method(settings["method"]).in_place
+                merge_method(self.config.method).in_place
                 and theta0.dtype == param.dtype
                 and param.is_contiguous()
             ):

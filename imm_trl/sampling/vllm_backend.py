@@ -3,10 +3,16 @@
 The engine runs in this process by default (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): that is what
 lets `update_weights` hand tensors straight to the worker and reload them in place after a
 merge. Restarting the engine (`restart`) is the fallback; `benchmarks/sampling.py` measures both.
+
+vLLM reads its settings from environment variables. The ones set here hold only while an engine
+is built (`engine_environ`) and are restored afterwards, so the rest of the process (another
+vLLM engine of the user's, a subprocess) sees the environment it had. vLLM itself freezes the
+values it read when its first in-process engine starts (`vllm.envs.enable_envs_cache`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -106,6 +112,38 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def engine_variables(config: VLLMSamplerConfig, on_cpu: bool, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables an engine of `config` is built under (those not in `environ`
+    already, where the user's value wins)."""
+    variables = {}
+    if config.in_process:
+        variables["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if on_cpu and "VLLM_USE_AOT_COMPILE" not in environ:
+        # vLLM 0.32 on CPU saves an AOT-compiled model it then fails to load ("'function'
+        # object has no attribute 'finalize_loading'") and compiles again on every start;
+        # without AOT, torch's inductor cache is used: measured 86 s instead of 258 s for a
+        # second start on 2 busy cores.
+        variables["VLLM_USE_AOT_COMPILE"] = "0"
+    return variables
+
+
+@contextlib.contextmanager
+def engine_environ(config: VLLMSamplerConfig, on_cpu: bool):
+    """Inside the block, `os.environ` has `engine_variables`; after it, each of those has its
+    value from before again (or is unset again). Other variables are left as vLLM set them."""
+    variables = engine_variables(config, on_cpu, os.environ)
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class VLLMSampler(SamplerBase):
     """`Sampler` over a `vllm.LLM` engine loaded from a model directory. The engine holds its
     own copy of the weights: hand it each merged model with `update_weights`, and `close` it
@@ -125,8 +163,10 @@ class VLLMSampler(SamplerBase):
         self.llm = self._start_engine(self.model_path)
 
     def _start_engine(self, model_path: str):
-        if self.config.in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        with engine_environ(self.config, on_cpu=_on_cpu()):
+            return self._build_engine(model_path)
+
+    def _build_engine(self, model_path: str):
         from vllm import LLM
 
         kwargs = dict(
@@ -146,11 +186,6 @@ class VLLMSampler(SamplerBase):
                 kv_cache_memory_bytes=int(self.config.cpu_kv_cache_gib * 2**30),
                 block_size=self.config.cpu_block_size,
             )
-            # vLLM 0.32 on CPU saves an AOT-compiled model it then fails to load ("'function'
-            # object has no attribute 'finalize_loading'") and compiles again on every start;
-            # without AOT, torch's inductor cache is used: measured 86 s instead of 258 s for a
-            # second start on 2 busy cores.
-            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if self.config.enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=self.config.max_lora_rank)
         if self.uses_fast_top_p:

@@ -8,14 +8,8 @@ import math
 
 import pytest
 
-from imm_trl.demo import (
-    ARMS,
-    QUICK,
-    add_demo_parser,
-    paired_comparisons,
-    parse_table,
-    side_by_side_rows,
-)
+from imm_trl.demo import QUICK, add_demo_parser
+from imm_trl.demo_report import ARMS, paired_comparisons, parse_table, side_by_side_rows
 
 
 def demo_parser() -> argparse.ArgumentParser:
