@@ -19,6 +19,11 @@ budget before the first callback event fires, so a callback alone cannot train o
 only exists once sampling has run. The callback therefore binds its own `train` on the
 trainer instance; each iteration is one ordinary `Trainer.train()` call on D_t, so every
 trainer feature (report_to, accelerate, PEFT, quantization) works as usual inside it.
+
+Over 400 lines because the loop and its checkpoint/resume bookkeeping share one state (the
+iteration, its phase timings, D_t, the merger's tensors); the pieces without that state live
+elsewhere: checkpoint I/O and export (`checkpoints.py`), merging (`merging/`), sampling
+(`sampling/`), the SFT speed-ups (`shared_prefix.py`, `trl_compat.py`).
 """
 
 from __future__ import annotations

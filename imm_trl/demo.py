@@ -28,6 +28,9 @@ the paired comparisons; `--verbose` brings back the libraries' own bars and logs
     <out>/accuracy.png    ID and OOD accuracy per iteration, both arms, with CI error bars
     <out>/diversity.png   distinct-2 and answer entropy of the eval completions per iteration
     <out>/self_improve/imm/, <out>/imm/imm/   each arm's checkpoints, imm_metrics.json, final/
+
+Slightly over 400 lines: the demo's recipes, its two arms and the command line read best as one
+story; the report (tables, paired comparisons, plots) is `demo_report.py`.
 """
 
 from __future__ import annotations
