@@ -56,7 +56,7 @@ def prefix_groups(
             if prefix >= min_shared and members >= 2 and (members - 1) * prefix > best_saving:
                 best_saving, best_prefix = (members - 1) * prefix, prefix
         if best_prefix:
-            members = [row for row, n in zip(remaining, shared) if n >= best_prefix]
+            members = [row for row, n in zip(remaining, shared, strict=True) if n >= best_prefix]
             groups.append((members, best_prefix))
             remaining = [row for row in remaining if row not in members]
         else:

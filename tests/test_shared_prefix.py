@@ -135,7 +135,7 @@ def test_sft_trainer_trains_the_same_adapter_on_fewer_tokens(tmp_path):
     losses, weights, tokens = sft_run(True, tmp_path)
     assert tokens < 0.6 * plain_tokens
     assert len(losses) == 3
-    for shared_loss, plain_loss in zip(losses, plain_losses):
+    for shared_loss, plain_loss in zip(losses, plain_losses, strict=True):
         assert abs(shared_loss - plain_loss) < 1e-6
     for name, weight in plain_weights.items():
         torch.testing.assert_close(weights[name], weight, rtol=1e-5, atol=1e-6)
