@@ -24,6 +24,7 @@ refuses a non-CUDA device (NCCL weight transfer), so it is not tested here.
 
 import copy
 import functools
+import os
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ vllm = pytest.importorskip("vllm")
 PROMPTS = Dataset.from_list(
     [{"prompt": [{"role": "user", "content": f"What is {a} + {a + 1}?"}]} for a in range(8)]
 )
+# Set in os.environ by TRL's colocate setup (`VLLMGeneration._init_vllm`).
+TRL_SETS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
 LOGPROB_ATOL = 1e-4  # fp32 engine vs fp32 HF forward: measured 2e-6; stale weights give > 1
 
@@ -107,6 +110,10 @@ def build_trainer(tmp_path, monkeypatch, peft):
     # bf16) lets the engine's weights and logprobs be compared tightly.
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "0")
+    for name in TRL_SETS_ENV:  # restored after the test (TRL sets them for its engine)
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # records the value (or absence)
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
     monkeypatch.setattr(
         trl_vllm,
         "LLM",
@@ -228,11 +235,19 @@ def assert_differ(a, b):
 
 @pytest.fixture
 def close_engines():
-    """Shuts down the engines of the trainers a test appends (one vLLM engine at a time)."""
+    """Shuts down the engines of the trainers a test appends, and the process group TRL's
+    `external_launcher` engine set up, so later tests start from a plain process."""
+    from vllm.distributed.parallel_state import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+    )
+
     trainers = []
     yield trainers
     for trainer in trainers:
         trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
+    destroy_model_parallel()
+    destroy_distributed_environment()
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
