@@ -147,11 +147,18 @@ PILOT = {"n_train": 48, "n_eval": 100, "iterations": 1, "seeds": [0]}
 # --------------------------------------------------------------------------------------------
 
 
+# The default suite's lcm family has 400 distinct questions, fewer than an OOD set of 1,000 needs
+SUITE = "default-wide"
+
+
 def base_recipe() -> dict[str, Any]:
-    """The offline default recipe (imm_trl/recipes/default.yaml), the one shared by every arm."""
+    """The offline default recipe (imm_trl/recipes/default.yaml) on the study's suite, the one
+    shared by every arm."""
     from imm_trl.recipes import read_recipe
 
-    return read_recipe("default")
+    recipe = read_recipe("default")
+    recipe["data"]["suite"] = SUITE
+    return recipe
 
 
 def validation_count(n_train: int, share: float) -> int:
@@ -388,7 +395,7 @@ def job_question_sets(job: dict[str, Any]) -> dict[str, Any]:
 
     if job["families"]:
         return {f: family_question_set(FamilySpec(f), job["n"], seed=job["question_seed"]) for f in job["families"]}
-    return dict(load_suite("default", seed=job["question_seed"], n_train=job["n_train"], n_eval=job["n"]).eval_sets)
+    return dict(load_suite(SUITE, seed=job["question_seed"], n_train=job["n_train"], n_eval=job["n"]).eval_sets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +595,7 @@ def machine() -> str:
 def suite_questions(config: StudyConfig) -> dict[str, dict[str, Any]]:
     from imm_trl.tasks import load_suite
 
-    suite = load_suite("default", seed=config.question_seed, n_train=config.n_train, n_eval=config.n_eval)
+    suite = load_suite(SUITE, seed=config.question_seed, n_train=config.n_train, n_eval=config.n_eval)
     ids = {name: [question_id(row) for row in qs.rows] for name, qs in suite.eval_sets.items()}
     return {name: {"ids": found, "digest": questions_digest(found)} for name, found in ids.items()}
 

@@ -78,6 +78,12 @@ SUITE_SPECS: dict[str, SuiteSpec] = {
         ARITHMETIC_ID,
         HELD_OUT_OOD,
     ),
+    "default-wide": SuiteSpec(
+        "The default suite with lcm of numbers up to 25 (625 distinct questions; the default's "
+        "400 cannot fill an OOD set of 1,000): for studies with large eval sets.",
+        ARITHMETIC_ID,
+        (FamilySpec("lcm", {"min_value": 1, "max_value": 25}), HELD_OUT_OOD[1]),
+    ),
     "default-cot": SuiteSpec(
         "The default suite with worked steps: ID prompts show 3 solved examples with steps "
         "('88 + 94 = 182.', '23 * 7 = 20 * 7 + 3 * 7 = ...') before 'Answer: <x>'; OOD prompts "
