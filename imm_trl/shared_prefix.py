@@ -24,6 +24,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 MIN_SHARED_TOKENS = 16  # below this a group's extra backbone call costs more than it saves
 
@@ -65,11 +66,20 @@ def prefix_groups(
     return groups + ([(alone, 0)] if alone else [])
 
 
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """Whether every row is ones followed by zeros."""
-    lengths = attention_mask.sum(dim=1, keepdim=True)
+def is_right_padded(attention_mask: torch.Tensor, lengths: torch.Tensor) -> bool:
+    """Whether every row is `lengths` ones followed by zeros."""
     positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    return bool(((positions < lengths).to(attention_mask.dtype) == attention_mask).all())
+    return bool(((positions < lengths[:, None]).to(attention_mask.dtype) == attention_mask).all())
+
+
+def can_share(input_ids, attention_mask, kwargs) -> bool:
+    """Whether a backbone call may run shared prefixes once: several rows of token ids with a
+    mask, and none of the inputs that place tokens themselves (padding-free or sequence-parallel
+    position ids, embeddings, a cache)."""
+    return (
+        input_ids is not None and attention_mask is not None and input_ids.size(0) > 1
+        and all(kwargs.get(name) is None for name in ("position_ids", "inputs_embeds", "past_key_values"))
+    )
 
 
 def group_hidden_states(forward, input_ids, attention_mask, rows, prefix, length, kwargs):
@@ -93,17 +103,12 @@ def shared_prefix_forward(forward, min_shared: int = MIN_SHARED_TOKENS):
 
     def wrapped(input_ids=None, attention_mask=None, **kwargs):
         kwargs.pop("use_cache", None)
-        shareable = (
-            input_ids is not None and attention_mask is not None and input_ids.size(0) > 1
-            and kwargs.get("position_ids") is None
-            and kwargs.get("inputs_embeds") is None and kwargs.get("past_key_values") is None
-            and is_right_padded(attention_mask)
-        )
-        if not shareable:
-            return forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        lengths = attention_mask.sum(dim=1)
-        groups = prefix_groups(input_ids, lengths, min_shared)
-        if all(prefix == 0 for _, prefix in groups):
+        groups = []
+        if can_share(input_ids, attention_mask, kwargs):
+            lengths = attention_mask.sum(dim=1)
+            if is_right_padded(attention_mask, lengths):
+                groups = prefix_groups(input_ids, lengths, min_shared)
+        if not any(prefix for _, prefix in groups):
             return forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         pieces, order = [], []
         for rows, prefix in groups:
@@ -112,8 +117,6 @@ def shared_prefix_forward(forward, min_shared: int = MIN_SHARED_TOKENS):
             pieces.append(F.pad(hidden, (0, 0, 0, input_ids.size(1) - length)))
             order += rows
         hidden = torch.cat(pieces)[torch.tensor(order).argsort()]
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
     return wrapped
