@@ -269,6 +269,7 @@ def main() -> None:
             print(f"{arm}: done, skipped")
             continue
         set_seed(config.seed)
+        work = out.parent / f"{out.stem}.work" / arm
         start = time.perf_counter()
         if arm == "base":
             from imm_trl.models import load_default_model
@@ -276,11 +277,9 @@ def main() -> None:
             model, tokenizer = load_default_model()
             extra = {}
         else:
-            model, tokenizer, extra = train_arm(
-                config, arm, suite, out.parent / f"{out.stem}.work" / arm
-            )
+            model, tokenizer, extra = train_arm(config, arm, suite, work)
         trained = time.perf_counter()
-        scores = evaluate_arm(config, model, tokenizer, suite, out.parent / f"{out.stem}.work" / arm / "final")
+        scores = evaluate_arm(config, model, tokenizer, suite, work / "final")
         results["arms"][arm] = {
             "eval": scores,
             "train_seconds": trained - start,
