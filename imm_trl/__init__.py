@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["IMMCallback", "IMMConfig", "run_imm"]
+__all__ = ["IMMCallback", "IMMConfig", "run_imm", "share_prompt_prefixes"]
 
 
 def __getattr__(name):
@@ -19,4 +19,8 @@ def __getattr__(name):
         from imm_trl.loop import run_imm
 
         return run_imm
+    if name == "share_prompt_prefixes":
+        from imm_trl.shared_prefix import share_prompt_prefixes
+
+        return share_prompt_prefixes
     raise AttributeError(f"module 'imm_trl' has no attribute {name!r}")

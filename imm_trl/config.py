@@ -195,9 +195,11 @@ class IMMConfig:
     share_prompt_prefixes: bool = field(
         default=True,
         metadata={
-            "help": "In SFT, run the prompt prefix that rows of a batch share (few-shot turns) once "
-            "per batch: the same hidden states and gradients up to float rounding, 2-3x fewer "
-            "tokens on the default suites (imm_trl/shared_prefix.py). False runs TRL's forward as is."
+            "help": "Iteration mode's SFT runs the prompt prefix that rows of a batch share (few-shot "
+            "turns) once per batch: the same hidden states and gradients up to float rounding, 2-3x "
+            "fewer tokens on the default suites (imm_trl/shared_prefix.py). False runs TRL's forward "
+            "as is. Step mode trains with the user's own trainer and leaves its forward alone: wrap "
+            "`trainer.train()` in `imm_trl.share_prompt_prefixes(trainer.model)` for the same saving."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of sampling and of the DARE masks."})

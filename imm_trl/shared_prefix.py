@@ -1,20 +1,26 @@
-"""Shared-prefix SFT: the prompt prefix that several rows of a batch share is computed once.
+"""Shared-prefix training forward: the prompt prefix that several rows of a batch share is
+computed once.
 
 IMM's default suites prompt with few-shot turns of the question's own family, so the rows of a
 training batch share their first 95-160 tokens and differ only in the last 15-25 (question and
-completion). A causal model's hidden states at the shared positions depend on those tokens
-alone, so the backbone runs the prefix once per group of rows, with a KV cache, and each row's
-suffix attends to that cache. The hidden states are those of the ordinary padded forward (up to
-float summation order); autograd sums each row's gradient through the repeated cache, so the
-gradients are those of the ordinary forward too. With batches of 8 mixing two families this
-runs about a third of the tokens (`tests/test_shared_prefix.py` checks the equality,
-`benchmarks/imm_overhead.py` the time).
+completion); GRPO and RLOO batches hold `num_generations` completions of each prompt. A causal
+model's hidden states at the shared positions depend on those tokens alone, so the backbone runs
+the prefix once per group of rows, with a KV cache, and each row's suffix attends to that cache.
+The hidden states are those of the ordinary padded forward (up to float summation order); autograd
+sums each row's gradient through the repeated cache, so the gradients are those of the ordinary
+forward too. With batches of 8 mixing two families this runs about a third of the tokens
+(`tests/test_shared_prefix.py` checks the equality, `benchmarks/imm_overhead.py` the time).
+
+Rows share a prefix only where both their tokens and their attention masks agree, so right-padded
+SFT batches and left-padded GRPO prompts are both exact. Position ids are those the ordinary
+forward gives when none are passed (column index), as TRL's trainers pass none.
 
 Only the backbone is wrapped (TRL's fused LM head and loss see the usual `(batch, length, hidden)`
-tensor, zero at padded positions), and only where sharing is exact: right-padded rows, no
+tensor, zero after each group's last attended column), and only training-style calls: no
 `position_ids` or `inputs_embeds` given (padding-free and sequence-parallel batches pass
-them), no gradient checkpointing (it turns the KV cache off), and a backbone that takes
-`past_key_values`. Every other call runs the original forward unchanged.
+them), no cache asked for or given (generation runs unchanged), no gradient checkpointing (it
+turns the KV cache off), and a backbone that takes `past_key_values`. Every other call runs the
+original forward unchanged.
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 MIN_SHARED_TOKENS = 16  # below this a group's extra backbone call costs more than it saves
 
 
-def common_prefix_lengths(input_ids: torch.Tensor, row: int) -> torch.Tensor:
-    """For every row, how many leading tokens it shares with row `row`."""
-    same = (input_ids == input_ids[row]).to(torch.int32)
-    return same.cumprod(dim=1).sum(dim=1)
+def common_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor, row: int) -> torch.Tensor:
+    """For every row, how many leading positions it shares with row `row` (same token, same mask)."""
+    same = (input_ids == input_ids[row]) & (attention_mask == attention_mask[row])
+    return same.to(torch.int32).cumprod(dim=1).sum(dim=1)
+
+
+def attended_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """For every row, one past its last attended column (its length without right padding)."""
+    columns = torch.arange(1, attention_mask.size(1) + 1, device=attention_mask.device)
+    return (attention_mask.bool() * columns).amax(dim=1)
 
 
 def prefix_groups(
-    input_ids: torch.Tensor, lengths: torch.Tensor, min_shared: int = MIN_SHARED_TOKENS
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, min_shared: int = MIN_SHARED_TOKENS
 ) -> list[tuple[list[int], int]]:
     """Rows grouped by a shared prefix: `(rows, prefix_length)` for each group of two or more rows
     sharing at least `min_shared` tokens (every row keeps one token of its own), then the other
@@ -46,10 +58,11 @@ def prefix_groups(
     tokens, (members - 1) * length: rows that share a long few-shot prefix form a group of their
     own rather than joining every row that shares only a short system prompt.
     """
+    lengths = attended_lengths(attention_mask)
     remaining, groups, alone = list(range(input_ids.size(0))), [], []
     while remaining:
         first = remaining[0]
-        shared = common_prefix_lengths(input_ids[remaining], 0)
+        shared = common_prefix_lengths(input_ids[remaining], attention_mask[remaining], 0)
         shared = torch.minimum(shared, lengths[remaining] - 1).tolist()
         best_saving, best_prefix = 0, 0
         for prefix in sorted(set(shared)):
@@ -66,18 +79,13 @@ def prefix_groups(
     return groups + ([(alone, 0)] if alone else [])
 
 
-def is_right_padded(attention_mask: torch.Tensor, lengths: torch.Tensor) -> bool:
-    """Whether every row is `lengths` ones followed by zeros."""
-    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    return bool(((positions < lengths[:, None]).to(attention_mask.dtype) == attention_mask).all())
-
-
 def can_share(input_ids, attention_mask, kwargs) -> bool:
     """Whether a backbone call may run shared prefixes once: several rows of token ids with a
-    mask, and none of the inputs that place tokens themselves (padding-free or sequence-parallel
-    position ids, embeddings, a cache)."""
+    mask, no cache asked for (generation), and none of the inputs that place tokens themselves
+    (padding-free or sequence-parallel position ids, embeddings, a cache)."""
     return (
         input_ids is not None and attention_mask is not None and input_ids.size(0) > 1
+        and kwargs.get("use_cache") is not True
         and all(kwargs.get(name) is None for name in ("position_ids", "inputs_embeds", "past_key_values"))
     )
 
@@ -87,7 +95,7 @@ def group_hidden_states(forward, input_ids, attention_mask, rows, prefix, length
     ids, mask = input_ids[rows, :length], attention_mask[rows, :length]
     if prefix == 0:
         return forward(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
-    shared = forward(input_ids=ids[:1, :prefix], use_cache=True, **kwargs)
+    shared = forward(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True, **kwargs)
     cache = shared.past_key_values
     cache.batch_repeat_interleave(len(rows))
     positions = torch.arange(prefix, length, device=ids.device).expand(len(rows), -1)
@@ -102,14 +110,12 @@ def shared_prefix_forward(forward, min_shared: int = MIN_SHARED_TOKENS):
     """`forward` (a backbone's) computing each group's shared prefix once; see the module doc."""
 
     def wrapped(input_ids=None, attention_mask=None, **kwargs):
+        if not can_share(input_ids, attention_mask, kwargs):
+            return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        groups, lengths = prefix_groups(input_ids, attention_mask, min_shared), attended_lengths(attention_mask)
+        if not any(prefix for _, prefix in groups) or not lengths.all():
+            return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("use_cache", None)
-        groups = []
-        if can_share(input_ids, attention_mask, kwargs):
-            lengths = attention_mask.sum(dim=1)
-            if is_right_padded(attention_mask, lengths):
-                groups = prefix_groups(input_ids, lengths, min_shared)
-        if not any(prefix for _, prefix in groups):
-            return forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         pieces, order = [], []
         for rows, prefix in groups:
             length = int(lengths[rows].max())
