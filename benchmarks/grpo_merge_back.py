@@ -156,8 +156,12 @@ def train_arm(config: MergeBackConfig, arm: str, suite, work: Path):
     checkpoint = get_last_checkpoint(str(work)) if work.is_dir() else None
     with share_prompt_prefixes(trainer.model, enabled=config.share_prompt_prefixes):
         trainer.train(resume_from_checkpoint=checkpoint)
-    rewards = [e["reward"] for e in trainer.state.log_history if e.get("reward") is not None]
-    return trainer.model, tokenizer, {"train_rewards": rewards, "resumed_from": checkpoint}
+    history = trainer.state.log_history
+    return trainer.model, tokenizer, {
+        "train_rewards": [e["reward"] for e in history if e.get("reward") is not None],
+        "step_times": [e["step_time"] for e in history if e.get("step_time") is not None],
+        "resumed_from": checkpoint,
+    }
 
 
 def evaluate_arm(config: MergeBackConfig, model, tokenizer, suite, model_dir: Path) -> dict[str, Any]:
