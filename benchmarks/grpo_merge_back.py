@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imm_trl.step_mode import STEP_METRICS_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ("base", "grpo", "grpo_merge_back")
@@ -228,6 +230,24 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
             + [f"{scores[s]['answer_entropy']:.3f}" for s in SETS]
         )
         lines.append(f"| {arm} | {' | '.join(cells)} | {row.get('train_seconds', 0):.0f} |")
+    lines += ["", "Training (TRL's logged reward: the mean verifier score of each step's completions):", "",
+              "| arm | reward, first 25 steps | reward, last 25 steps | median step s |", "|---|---|---|---|"]
+    for arm, row in results["arms"].items():
+        rewards, times = row.get("train_rewards") or [], row.get("step_times") or []
+        if rewards:
+            median = sorted(times)[len(times) // 2] if times else float("nan")
+            lines.append(f"| {arm} | {sum(rewards[:25]) / len(rewards[:25]):.3f} | "
+                         f"{sum(rewards[-25:]) / len(rewards[-25:]):.3f} | {median:.1f} |")
+    merges = results["arms"].get("grpo_merge_back", {}).get("merges")
+    if merges:
+        lines += ["", "Merges of the merge-back arm (L2 distance of the weights to theta0; reward logged at "
+                  "the step before and after):", "", "| merge | step | L2 before | L2 after | reward before | reward after |",
+                  "|---|---|---|---|---|---|"]
+        for row in merges:
+            cells = [row.get(key) for key in ("merge", "step", "l2_to_theta0_before", "l2_to_theta0_after",
+                                               "reward_before", "reward_after")]
+            lines.append("| " + " | ".join("" if c is None else f"{c:.4g}" if isinstance(c, float) else str(c)
+                                           for c in cells) + " |")
     lines += ["", "| comparison | difference | 95% CI | McNemar p |", "|---|---|---|---|"]
     for name, c in results["comparisons"].items():
         p = "n/a" if c["mcnemar_p"] is None else f"{c['mcnemar_p']:.3g}"
@@ -287,6 +307,10 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_results(out, results)
         print(f"{arm}: ID {scores['id']['accuracy']:.3f}, OOD {scores['ood']['accuracy']:.3f}")
+    merges = out.parent / f"{out.stem}.work" / "grpo_merge_back" / "imm" / STEP_METRICS_FILE
+    if "grpo_merge_back" in results["arms"] and merges.is_file():
+        results["arms"]["grpo_merge_back"]["merges"] = json.loads(merges.read_text())
+    write_results(out, results)  # a rerun after the last arm refreshes the report
 
 
 if __name__ == "__main__":
