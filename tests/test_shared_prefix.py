@@ -132,6 +132,20 @@ def test_generation_and_checkpointed_batches_run_the_ordinary_forward():
         assert "forward" not in vars(backbone)
 
 
+def train_counting_tokens(trainer, share: bool):
+    """Train (sharing prefixes or not); the logged losses, the LoRA weights, and the tokens the
+    backbone embedded (generation included)."""
+    tokens_seen = []
+    trainer.model.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda module, args, output: tokens_seen.append(args[0].numel())
+    )
+    with share_prompt_prefixes(trainer.model, enabled=share):
+        trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" in n}
+    return losses, weights, sum(tokens_seen)
+
+
 def sft_run(share: bool, tmp_path):
     # float64: the tiny random model's gradients lose about 1% to float32 rounding, by either path
     model, tokenizer = tiny_model(seed=0)
@@ -151,15 +165,7 @@ def sft_run(share: bool, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     torch.manual_seed(0)  # SFTTrainer initialises the adapter before it seeds
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
-    tokens_seen = []
-    trainer.model.get_base_model().model.embed_tokens.register_forward_hook(
-        lambda module, args, output: tokens_seen.append(args[0].numel())
-    )
-    with share_prompt_prefixes(trainer.model, enabled=share):
-        trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" in n}
-    return losses, weights, sum(tokens_seen)
+    return train_counting_tokens(trainer, share)
 
 
 def test_sft_trainer_trains_the_same_adapter_on_fewer_tokens(tmp_path):
@@ -195,15 +201,7 @@ def grpo_run(share: bool, tmp_path):
         model=model, reward_funcs=length_reward, args=args, train_dataset=data, processing_class=tokenizer,
         peft_config=lora,
     )
-    tokens_seen = []
-    trainer.model.get_base_model().model.embed_tokens.register_forward_hook(
-        lambda module, args, output: tokens_seen.append(args[0].numel())
-    )
-    with share_prompt_prefixes(trainer.model, enabled=share):
-        trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" in n}
-    return losses, weights, sum(tokens_seen)
+    return train_counting_tokens(trainer, share)
 
 
 def test_grpo_trainer_trains_the_same_adapter_on_fewer_tokens(tmp_path):
