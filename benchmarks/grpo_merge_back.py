@@ -231,13 +231,13 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
         )
         lines.append(f"| {arm} | {' | '.join(cells)} | {row.get('train_seconds', 0):.0f} |")
     lines += ["", "Training (TRL's logged reward: the mean verifier score of each step's completions):", "",
-              "| arm | reward, first 25 steps | reward, last 25 steps | median step s |", "|---|---|---|---|"]
+              "| arm | reward, first 25 steps | reward, last 25 steps | mean step s |", "|---|---|---|---|"]
     for arm, row in results["arms"].items():
-        rewards, times = row.get("train_rewards") or [], row.get("step_times") or []
+        rewards = row.get("train_rewards") or []
         if rewards:
-            median = sorted(times)[len(times) // 2] if times else float("nan")
+            step = row["train_seconds"] / results["config"]["max_steps"]
             lines.append(f"| {arm} | {sum(rewards[:25]) / len(rewards[:25]):.3f} | "
-                         f"{sum(rewards[-25:]) / len(rewards[-25:]):.3f} | {median:.1f} |")
+                         f"{sum(rewards[-25:]) / len(rewards[-25:]):.3f} | {step:.1f} |")
     merges = results["arms"].get("grpo_merge_back", {}).get("merges")
     if merges:
         lines += ["", "Merges of the merge-back arm (L2 distance of the weights to theta0; reward logged at "
