@@ -167,14 +167,19 @@ def train_arm(config: MergeBackConfig, arm: str, suite, work: Path):
 
 
 def evaluate_arm(config: MergeBackConfig, model, tokenizer, suite, model_dir: Path) -> dict[str, Any]:
-    """ID and OOD scores of one model, with per-question greedy verdicts. The model (a LoRA
-    adapter merged in) is saved to `model_dir` and scored by the `eval_sampler` backend."""
-    from imm_trl.eval import evaluate_question_set, load_sampler
-
+    """ID and OOD scores of one model (a LoRA adapter merged in), saved to `model_dir` first."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    return evaluate_saved(config, suite, model_dir)
+
+
+def evaluate_saved(config: MergeBackConfig, suite, model_dir: Path) -> dict[str, Any]:
+    """ID and OOD scores of the model saved in `model_dir`, by the `eval_sampler` backend, with
+    per-question greedy verdicts, pass@k bits and distinct-2 (for the paired comparisons)."""
+    from imm_trl.eval import evaluate_question_set, load_sampler
+
     with load_sampler(model_dir, backend=config.eval_sampler) as sampler:
         return {
             name: evaluate_question_set(
@@ -190,20 +195,24 @@ def evaluate_arm(config: MergeBackConfig, model, tokenizer, suite, model_dir: Pa
         }
 
 
+PAIRED_METRICS = {"accuracy": "correct", "pass@k": "passed", "distinct-2": "distinct_2_by_question"}
+
+
 def comparisons(arms: dict[str, Any]) -> dict[str, Any]:
-    """Paired differences of greedy accuracy between the finished arms, per eval set."""
+    """Paired differences between the finished arms, per eval set and metric: greedy accuracy
+    and pass@k (bootstrap interval and McNemar), distinct-2 (bootstrap interval)."""
     from imm_trl.stats import paired_difference
 
     pairs = [("grpo_merge_back", "grpo"), ("grpo_merge_back", "base"), ("grpo", "base")]
     result = {}
     for a, b in pairs:
         if a in arms and b in arms:
-            for name in SETS:
-                scores_a, scores_b = (
-                    arms[a]["eval"][name]["correct"],
-                    arms[b]["eval"][name]["correct"],
-                )
-                result[f"{a} - {b} ({name})"] = asdict(paired_difference(scores_a, scores_b))
+            for metric, key in PAIRED_METRICS.items():
+                for name in SETS:
+                    scores_a, scores_b = arms[a]["eval"][name].get(key), arms[b]["eval"][name].get(key)
+                    if scores_a is not None and scores_b is not None:
+                        difference = paired_difference(scores_a, scores_b)
+                        result[f"{a} - {b}, {name} {metric}"] = asdict(difference)
     return result
 
 
@@ -307,6 +316,12 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_results(out, results)
         print(f"{arm}: ID {scores['id']['accuracy']:.3f}, OOD {scores['ood']['accuracy']:.3f}")
+    for arm, row in results["arms"].items():
+        final = out.parent / f"{out.stem}.work" / arm / "final"
+        if "passed" not in row["eval"]["id"] and final.is_dir():  # scored before pass@k bits were kept
+            print(f"{arm}: rescoring {final} for the per-question pass@k and distinct-2")
+            row["eval"] = evaluate_saved(config, suite, final)
+    results["comparisons"] = comparisons(results["arms"])
     merges = out.parent / f"{out.stem}.work" / "grpo_merge_back" / "imm" / STEP_METRICS_FILE
     if "grpo_merge_back" in results["arms"] and merges.is_file():
         results["arms"]["grpo_merge_back"]["merges"] = json.loads(merges.read_text())

@@ -118,8 +118,10 @@ def score_completions(
     in `bad_gold`; check timeouts count as wrong and are counted in `timeouts`.
 
     With `per_question`, the report also holds `correct`: the greedy verdict of each question
-    (1 or 0, in question order), for paired comparisons of two models. It is off by default
-    because every other value is a scalar that training callbacks log as a metric."""
+    (1 or 0, in question order), for paired comparisons of two models, and with samples
+    `passed` (1 if any of the k samples is correct: pass@k per question) and
+    `distinct_2_by_question`. It is off by default because every other value is a scalar that
+    training callbacks log as a metric."""
     rows = question_set.rows
     if len(greedy) != len(rows) or (sampled is not None and len(sampled) != len(rows)):
         raise ValueError("one greedy completion (and one list of samples) per question needed")
@@ -162,6 +164,9 @@ def score_completions(
     report["timeouts"] = verifier.counts["timeout"]  # over all checks, greedy and sampled
     if per_question:
         report["correct"] = [int(c) for c in correct]
+        if report["samples"] > 1:
+            report["passed"] = [int(c > 0) for c in counts]
+            report["distinct_2_by_question"] = [distinct_n(group, 2) for group in groups]
     return report
 
 

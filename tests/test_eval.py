@@ -195,6 +195,12 @@ def test_score_reports_per_question_verdicts_on_request():
     assert "correct" not in score_completions(questions, greedy)  # scalars only, for loggers
     report = score_completions(questions, greedy, per_question=True)
     assert report["correct"] == [1, 1, 0, 0] and report["accuracy"] == 0.5
+    assert "passed" not in report  # no samples, no pass@k
+    sampled = [["Answer: 1", "Answer: 4"], ["6", "6"], ["Answer: 9", "Answer: 8"], ["3 3", "x y"]]
+    report = score_completions(questions, greedy, sampled, per_question=True)
+    assert report["passed"] == [1, 1, 0, 1] and report["pass@2"] == 0.75
+    # distinct bigrams over all bigrams of a question's samples
+    assert report["distinct_2_by_question"] == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_score_rejects_mismatched_lengths():
