@@ -32,8 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imm_trl.step_mode import STEP_METRICS_FILE
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ("base", "grpo", "grpo_merge_back")
@@ -76,6 +74,11 @@ class MergeBackConfig:
     )
     save_steps: int = field(default=50, metadata={"help": "Trainer checkpoint interval per arm."})
     seed: int = field(default=0, metadata={"help": "Seed of the suite, training and eval."})
+
+
+def arm_dir(out: Path, arm: str) -> Path:
+    """An arm's work directory: trainer checkpoints, step-mode state and the saved final model."""
+    return out.parent / f"{out.stem}.work" / arm
 
 
 def reward_from_verifier(verifier_name: str):
@@ -295,7 +298,7 @@ def main() -> None:
             print(f"{arm}: done, skipped")
             continue
         set_seed(config.seed)
-        work = out.parent / f"{out.stem}.work" / arm
+        work = arm_dir(out, arm)
         start = time.perf_counter()
         if arm == "base":
             from imm_trl.models import load_default_model
@@ -317,12 +320,14 @@ def main() -> None:
         write_results(out, results)
         print(f"{arm}: ID {scores['id']['accuracy']:.3f}, OOD {scores['ood']['accuracy']:.3f}")
     for arm, row in results["arms"].items():
-        final = out.parent / f"{out.stem}.work" / arm / "final"
+        final = arm_dir(out, arm) / "final"
         if "passed" not in row["eval"]["id"] and final.is_dir():  # scored before pass@k bits were kept
             print(f"{arm}: rescoring {final} for the per-question pass@k and distinct-2")
             row["eval"] = evaluate_saved(config, suite, final)
     results["comparisons"] = comparisons(results["arms"])
-    merges = out.parent / f"{out.stem}.work" / "grpo_merge_back" / "imm" / STEP_METRICS_FILE
+    from imm_trl.step_mode import STEP_METRICS_FILE
+
+    merges = arm_dir(out, "grpo_merge_back") / "imm" / STEP_METRICS_FILE
     if "grpo_merge_back" in results["arms"] and merges.is_file():
         results["arms"]["grpo_merge_back"]["merges"] = json.loads(merges.read_text())
     write_results(out, results)  # a rerun after the last arm refreshes the report

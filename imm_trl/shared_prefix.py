@@ -48,7 +48,10 @@ def attended_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def prefix_groups(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, min_shared: int = MIN_SHARED_TOKENS
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    min_shared: int = MIN_SHARED_TOKENS,
+    lengths: torch.Tensor | None = None,
 ) -> list[tuple[list[int], int]]:
     """Rows grouped by a shared prefix: `(rows, prefix_length)` for each group of two or more rows
     sharing at least `min_shared` tokens (every row keeps one token of its own), then the other
@@ -56,9 +59,10 @@ def prefix_groups(
 
     Each group starts from the first row left and takes the prefix length that saves the most
     tokens, (members - 1) * length: rows that share a long few-shot prefix form a group of their
-    own rather than joining every row that shares only a short system prompt.
+    own rather than joining every row that shares only a short system prompt. `lengths` (each
+    row's `attended_lengths`) is computed from the mask unless the caller has it already.
     """
-    lengths = attended_lengths(attention_mask)
+    lengths = attended_lengths(attention_mask) if lengths is None else lengths
     remaining, groups, alone = list(range(input_ids.size(0))), [], []
     while remaining:
         first = remaining[0]
@@ -112,8 +116,9 @@ def shared_prefix_forward(forward, min_shared: int = MIN_SHARED_TOKENS):
     def wrapped(input_ids=None, attention_mask=None, **kwargs):
         if not can_share(input_ids, attention_mask, kwargs):
             return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        groups, lengths = prefix_groups(input_ids, attention_mask, min_shared), attended_lengths(attention_mask)
-        if not any(prefix for _, prefix in groups) or not lengths.all():
+        lengths = attended_lengths(attention_mask)
+        groups = prefix_groups(input_ids, attention_mask, min_shared, lengths) if lengths.all() else []
+        if not any(prefix for _, prefix in groups):
             return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("use_cache", None)
         pieces, order = [], []
