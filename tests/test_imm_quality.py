@@ -146,6 +146,23 @@ def test_extra_eval_families_are_split_deduplicated_and_checked():
         study.parse_families(["gcdd"])
 
 
+def test_extra_eval_scores_each_kept_model_once_and_names_those_not_on_disk(tmp_path):
+    config = study.StudyConfig(arms=["theta0", "self_improve", "imm_linear"], seeds=[0, 1], keep_models=str(tmp_path),
+                               extra_eval=["gcd", "chain_sum"])
+    for arm in ("self_improve", "imm_linear"):
+        (tmp_path / arm / "seed1").mkdir(parents=True)
+        (tmp_path / arm / "seed1" / "model.safetensors").write_bytes(b"")
+    done = ("theta0/seed0", "self_improve/seed0", "self_improve/seed1", "imm_linear/seed1")
+    results = {"runs": dict.fromkeys(done, {}), "extra_eval": {"scores": {
+        "gcd": {"theta0": {}, "self_improve/seed1": {}}, "chain_sum": {"theta0": {}}}}}
+    models, missing = study.extra_eval_models(config, results)
+    assert [m["key"] for m in models] == ["self_improve/seed1", "imm_linear/seed1"]  # chain_sum still lacks them
+    assert models[1]["path"] == str(tmp_path / "imm_linear" / "seed1")
+    assert missing == ["self_improve/seed0"]  # finished in a session whose keep directory is gone
+    results["extra_eval"]["scores"]["gcd"].pop("theta0")
+    assert [m["key"] for m in study.extra_eval_models(config, results)[0]][0] == "theta0"
+
+
 def test_pilot_fills_only_the_budget_not_given():
     config, _ = study.parse_args(["--pilot", "--n-eval", "64", "--extra-eval", "gcd"])
     assert (config.n_train, config.n_eval, config.iterations, config.seeds) == (48, 64, 1, [0])
@@ -255,6 +272,8 @@ def test_family_and_extra_eval_comparisons_use_the_same_questions():
     extra = report.compare(report.extra_lookup(results, "gcd"), "self_improve", "theta0", [0, 1, 2], RESAMPLES)
     assert extra["difference"] == pytest.approx(-1 / N) and extra["per_seed_mcnemar_p"] == [1.0, 1.0, 1.0]
     assert "extra: gcd" in report.family_table(results, RESAMPLES)
+    results["extra_eval"].update(settings={"n": N}, cpu_seconds=90.0, wall_seconds=60.0)
+    assert report.extra_eval_cost(results)[0] == f"Extra-eval (gcd; {N} questions each, greedy): 4 models, 1.5 CPU min, 1.0 wall min."
 
 
 def test_secondary_comparisons_are_holm_adjusted_over_those_available():
