@@ -168,7 +168,7 @@ def lora_floor(peft_model) -> dict:
     import torch
 
     from imm_trl.merging import LoraMerger, MergeConfig
-    from imm_trl.merging.functional import LOW_RANK_BLOCK
+    from imm_trl.merging.functional import low_rank_block_rows
     from imm_trl.merging.parallel import for_each_tensor
 
     merger = LoraMerger(peft_model, MergeConfig(method="linear", ratio=0.5))
@@ -181,8 +181,8 @@ def lora_floor(peft_model) -> dict:
         layer = target.layers[0]
         b = layer.lora_B[merger.adapter].weight.detach().float()
         a = layer.lora_A[merger.adapter].weight.detach().float()
-        block_rows = max(1, LOW_RANK_BLOCK // a.shape[1])
-        work = torch.empty(min(block_rows, b.shape[0]), a.shape[1])
+        block_rows = low_rank_block_rows(b.shape[0], a.shape[1])
+        work = torch.empty(block_rows, a.shape[1])
         for begin in range(0, b.shape[0], block_rows):
             rows = b[begin : begin + block_rows]
             torch.mm(rows, a, out=work[: rows.shape[0]])

@@ -332,10 +332,11 @@ def test_row_block_low_rank_merge_is_bit_identical_to_merging_peft_delta(
 
     import imm_trl.merging.functional as functional
 
-    monkeypatch.setattr(functional, "LOW_RANK_BLOCK", 100)  # many blocks, some rows split oddly
+    monkeypatch.setattr(functional, "LOW_RANK_BLOCK", 64 * 48)  # four blocks of 50 rows
+    assert functional.low_rank_block_rows(200, 48) == 50 and functional.low_rank_block_rows(10, 48) == 10
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8)
-    layer = Linear(torch.nn.Linear(48, 37, bias=False), "default", config=config, r=4, lora_alpha=8)
+    layer = Linear(torch.nn.Linear(48, 200, bias=False), "default", config=config, r=4, lora_alpha=8)
     layer.to(base_dtype)
     layer.lora_A["default"].to(adapter_dtype)
     layer.lora_B["default"].to(adapter_dtype)

@@ -1,6 +1,7 @@
 """Shared-prefix SFT computes each shared prompt prefix once and gives the hidden states, losses
 and gradients of the ordinary padded forward (tiny Llama with LoRA, and a real SFTTrainer)."""
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -173,8 +174,10 @@ def test_sft_trainer_trains_the_same_adapter_on_fewer_tokens(tmp_path):
     losses, weights, tokens = sft_run(True, tmp_path)
     assert tokens < 0.6 * plain_tokens
     assert len(losses) == 3
-    for shared_loss, plain_loss in zip(losses, plain_losses, strict=True):
-        assert abs(shared_loss - plain_loss) < 1e-6
+    # transformers' causal-LM loss upcasts logits with .float(): in float64 that is a cast down, so
+    # the losses (and gradients) agree to float32 precision, the last bits depending on the
+    # CPU's float32 kernels for the two batch shapes
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
     for name, weight in plain_weights.items():
         torch.testing.assert_close(weights[name], weight, rtol=1e-5, atol=1e-6)
 

@@ -574,6 +574,16 @@ def merge_into_(
 # ones leave the cache. Measured on the 1.1B bf16 LoRA merge (2 cores, 2 threads), whole merge:
 # 2^16 4.6 s, 2^18 2.4-2.7 s, 2^20 1.7-1.9 s, 2^21 1.8-1.9 s.
 LOW_RANK_BLOCK = 1 << 20
+# CPU GEMM kernels round differently for a product of a few rows (on AVX-512, fewer than 12 and
+# not a multiple of 4 rows) than for the same rows inside a taller one: blocks are never that short.
+MIN_BLOCK_ROWS = 64
+
+
+def low_rank_block_rows(rows: int, columns: int) -> int:
+    """Rows per block of `merge_low_rank_into_`: about LOW_RANK_BLOCK elements, the rows split
+    evenly over the blocks so that the last one is not a short remainder."""
+    blocks = -(-rows // max(MIN_BLOCK_ROWS, LOW_RANK_BLOCK // columns))
+    return -(-rows // blocks)
 
 
 def reusable_buffer(buffers: dict[str, torch.Tensor], role: str, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -625,8 +635,8 @@ def merge_low_rank_into_(
         `torch.Tensor`: `current`.
     """
     rows, columns = current.shape
-    block_rows = max(1, LOW_RANK_BLOCK // columns)
-    size = min(block_rows, rows) * columns
+    block_rows = low_rank_block_rows(rows, columns)
+    size = block_rows * columns
     a = lora_a.to(compute_dtype)
     b = lora_b.to(compute_dtype)
     buffers = {} if buffers is None else buffers
@@ -643,8 +653,8 @@ def merge_low_rank_into_(
         end = min(begin + block_rows, rows)
         count = (end - begin) * columns
         work = work_buffer[:count].view(end - begin, columns)
-        # alpha inside the product: one pass less than mm then mul, and the same bits
-        torch.addmm(work, b[begin:end], a, beta=0, alpha=scaling, out=work)
+        # PEFT's own operations: addmm's alpha is folded in before the sum on some CPUs (AVX-512)
+        torch.mm(b[begin:end], a, out=work).mul_(scaling)
         if lora_b.dtype != compute_dtype:  # PEFT returns dW in the adapter's dtype
             work.copy_(work.to(lora_b.dtype))
         base = in_compute_dtype(theta0[begin:end], theta0_buffer, count)
