@@ -555,6 +555,13 @@ def settings_table(settings: dict) -> str:
     return _table(["setting", "value"], [[k, f"`{v}`"] for k, v in shown.items()])
 
 
+def commands_line(commands: list[str]) -> str:
+    """Each distinct command once, in first-use order; a resume repeats the command it continues."""
+    distinct = list(dict.fromkeys(commands))
+    runs = f" ({len(commands)} invocations, resumes included)" if len(commands) > len(distinct) else ""
+    return f"Commands{runs}: {'; '.join(f'`{c}`' for c in distinct)}"
+
+
 def markdown(results: dict, stem: str, resamples: int, projected: dict | None = None) -> str:
     requested = results["requested"]
     lines = [
@@ -563,7 +570,7 @@ def markdown(results: dict, stem: str, resamples: int, projected: dict | None = 
         f"Status: {status_line(results, requested['arms'], requested['seeds'])}. "
         "Plan: `imm_quality_plan.md` (pre-registered).",
         "",
-        f"Commands: {'; '.join(f'`{c}`' for c in results['commands'])}  ",
+        f"{commands_line(results['commands'])}  ",
         f"Machine: {results['machine']}",
         "",
         "Budget and settings (fixed for the whole study):",

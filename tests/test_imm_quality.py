@@ -293,6 +293,12 @@ def test_markdown_marks_partial_results_and_the_plot_is_written(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_resumes_fold_repeated_commands_and_count_invocations():
+    assert report.commands_line(["a --x", "a --x", "a --x --extra-eval gcd"]) == (
+        "Commands (3 invocations, resumes included): `a --x`; `a --x --extra-eval gcd`")
+    assert report.commands_line(["a"]) == "Commands: `a`"
+
+
 def test_phase_cpu_follows_the_callbacks_phases_and_adds_up_over_attempts(tmp_path):
     import logging
 
