@@ -653,6 +653,15 @@ def write_results(config: StudyConfig, results: dict[str, Any], projected: dict 
     write_atomically(config.results_path(".md"), lambda p: p.write_text(text))
 
 
+def report_only(config: StudyConfig) -> None:
+    """Renders the stored results with this version of the report, e.g. after the report changed."""
+    path = config.results_path(".json")
+    if not path.is_file():
+        raise SystemExit(f"{path}: no study results to report; run the study first")
+    write_results(config, json.loads(path.read_text()))
+    print(f"wrote {config.results_path('.md')}", flush=True)
+
+
 def study_target(settings: dict[str, Any]) -> dict[str, Any]:
     """The study budget (StudyConfig's defaults) with the pilot's other settings."""
     study = StudyConfig()
@@ -721,6 +730,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     parser.add_argument("--pilot", action="store_true",
                         help=f"budget {PILOT} unless given, own files; prints the study's projected CPU time")
     parser.add_argument("--fresh", action="store_true", help="start new results (old files stay in git history)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the markdown and the plot from the results JSON; runs nothing")
     parser.add_argument("--child-train", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-eval", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -749,6 +760,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_train or args.child_eval:
         quiet_child_logs()
         train_child(args.child_train) if args.child_train else eval_child(args.child_eval)
+        return
+    if args.report_only:
+        report_only(config)
         return
     command = "python benchmarks/imm_quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     run_study(config, command.strip(), args.fresh, args.pilot)

@@ -299,6 +299,17 @@ def test_resumes_fold_repeated_commands_and_count_invocations():
     assert report.commands_line(["a"]) == "Commands: `a`"
 
 
+def test_report_only_renders_the_stored_results_and_runs_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="no study results to report"):
+        study.main(["--report-only", "--results-dir", str(tmp_path)])
+    results = synthetic(seeds=(0,))
+    (tmp_path / "imm_quality.json").write_text(json.dumps(results))
+    study.main(["--report-only", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "never")])
+    assert json.loads((tmp_path / "imm_quality.json").read_text()) == results
+    assert "| imm_linear | OOD | 1 |" in (tmp_path / "imm_quality.md").read_text()
+    assert (tmp_path / "imm_quality.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "never").exists()
+
+
 def test_phase_cpu_follows_the_callbacks_phases_and_adds_up_over_attempts(tmp_path):
     import logging
 
