@@ -647,6 +647,10 @@ def write_results(config: StudyConfig, results: dict[str, Any], projected: dict 
     """JSON, then the plot and the markdown, each renamed into place when complete."""
     Path(config.results_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomically(config.results_path(".json"), results)
+    write_report(config, results, projected)
+
+
+def write_report(config: StudyConfig, results: dict[str, Any], projected: dict | None = None) -> None:
     if any(run["arm"] != THETA0 for run in results["runs"].values()):
         write_atomically(config.results_path(".png"), lambda p: report.plot(results, p))
     text = report.markdown(results, config.stem, config.resamples, projected)
@@ -658,7 +662,7 @@ def report_only(config: StudyConfig) -> None:
     path = config.results_path(".json")
     if not path.is_file():
         raise SystemExit(f"{path}: no study results to report; run the study first")
-    write_results(config, json.loads(path.read_text()))
+    write_report(config, json.loads(path.read_text()))
     print(f"wrote {config.results_path('.md')}", flush=True)
 
 

@@ -303,9 +303,11 @@ def test_report_only_renders_the_stored_results_and_runs_nothing(tmp_path):
     with pytest.raises(SystemExit, match="no study results to report"):
         study.main(["--report-only", "--results-dir", str(tmp_path)])
     results = synthetic(seeds=(0,))
-    (tmp_path / "imm_quality.json").write_text(json.dumps(results))
+    stored = tmp_path / "imm_quality.json"
+    stored.write_text(json.dumps(results))
+    before = stored.stat().st_mtime_ns
     study.main(["--report-only", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "never")])
-    assert json.loads((tmp_path / "imm_quality.json").read_text()) == results
+    assert json.loads(stored.read_text()) == results and stored.stat().st_mtime_ns == before
     assert "| imm_linear | OOD | 1 |" in (tmp_path / "imm_quality.md").read_text()
     assert (tmp_path / "imm_quality.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "never").exists()
 
